@@ -1,0 +1,186 @@
+"""The ``corepeek`` command: agent, ps, dump, notes.
+
+Exit codes: 0 success, 1 capture/agent error (one line on stderr), 2 usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import grpc
+
+from .channel import open_channel
+from .errors import CaptureError
+from .v1 import capture_pb2 as pb
+from .v1 import capture_pb2_grpc as pb_grpc
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+
+
+def _agent(args: argparse.Namespace) -> int:
+    from corepeek_agent.server import serve
+    from corepeek_agent.service import AgentConfig
+
+    config = AgentConfig(max_sessions=args.max_sessions,
+                         max_freeze_seconds=args.max_freeze,
+                         default_thread_timeout=args.thread_timeout_ms / 1000)
+    serve(args.listen, insecure=args.insecure, config=config,
+          socket_mode=int(args.socket_mode, 8))
+    return EXIT_OK
+
+
+def _ps(args: argparse.Namespace) -> int:
+    stub = pb_grpc.CoreCaptureServiceStub(open_channel(args.agent))
+    try:
+        resp = stub.ListProcesses(pb.ListProcessesRequest(comm=args.comm or "",
+                                                          exe_glob=args.exe or ""),
+                                  timeout=args.timeout)
+    except grpc.RpcError as exc:
+        raise CaptureError.from_rpc(exc, f"cannot list processes on {args.agent}") from None
+    if args.json:
+        from google.protobuf.json_format import MessageToDict
+        print(json.dumps(MessageToDict(resp, preserving_proto_field_name=True), indent=2))
+        return EXIT_OK
+    print(f"{'PID':>7} {'PPID':>7} {'UID':>6} {'THR':>4} {'RSS':>9} {'BITS':>4}  "
+          f"{'START':>10}  COMM / EXE")
+    for p in resp.processes:
+        print(f"{p.pid:>7} {p.ppid:>7} {p.uid:>6} {p.threads:>4} {p.rss_bytes >> 20:>7}Mi "
+              f"{p.elf_class or '-':>4}  {p.start_time:>10}  {p.comm}  {p.exe}")
+    return EXIT_OK
+
+
+def _progress_bar(total: int, enabled: bool):  # type: ignore[no-untyped-def]
+    if not enabled:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
+                desc="core", file=sys.stderr, dynamic_ncols=True)
+
+
+def _dump(args: argparse.Namespace) -> int:
+    from .dump import write_full_core
+    from .remote import open_capture
+
+    out = Path(args.output or f"core.{args.pid}")
+    t0 = time.monotonic()
+    with open_capture(args.agent, args.pid, start_time=args.start_time, mode=args.only,
+                      freeze_timeout_ms=args.freeze_timeout_ms,
+                      stack_bytes=args.stack_bytes) as core:
+        lay = core.layout
+        unfrozen = [t.tid for t in lay.threads if not t.frozen]
+        bar = _progress_bar(lay.total_size if args.only == "full" else 0,
+                            sys.stderr.isatty() and not args.quiet)
+        try:
+            if args.only == "full":
+                write_full_core(core, out, progress=bar.update if bar else None)
+            else:
+                from .partial import write_partial_core
+                write_partial_core(core, out)
+        finally:
+            if bar is not None:
+                bar.close()
+        stats = core.stats
+    elapsed = time.monotonic() - t0
+    if not args.quiet:
+        print(f"wrote {out}: {lay.total_size if args.only == 'full' else out.stat().st_size} "
+              f"bytes core of pid {lay.pid} ({lay.comm}, {lay.arch}, {len(lay.threads)} threads), "
+              f"{stats.data_bytes} bytes transferred, {stats.hole_bytes} bytes of holes, "
+              f"frozen for {elapsed:.3f} s", file=sys.stderr)
+        if unfrozen:
+            print(f"warning: threads {unfrozen} did not stop in time; their registers are "
+                  "zero in the core", file=sys.stderr)
+    return EXIT_OK
+
+
+def _notes(args: argparse.Namespace) -> int:
+    from .notes_summary import render_text, summarize
+    from .remote import open_capture
+
+    with open_capture(args.agent, args.pid, start_time=args.start_time, mode="notes",
+                      freeze_timeout_ms=args.freeze_timeout_ms) as core:
+        summary = summarize(core)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(render_text(summary))
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="corepeek", description=__doc__)
+    p.add_argument("-v", "--verbose", action="count", default=0)
+    p.add_argument("-q", "--quiet", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    a = sub.add_parser("agent", help="run the capture agent (as root)")
+    a.add_argument("--listen", required=True, help="unix:PATH or HOST:PORT")
+    a.add_argument("--insecure", action="store_true",
+                   help="allow plaintext TCP (loopback addresses only)")
+    a.add_argument("--socket-mode", default="600", help="octal mode of a unix socket (600)")
+    a.add_argument("--max-sessions", type=int, default=16)
+    a.add_argument("--max-freeze", type=float, default=300.0,
+                   help="seconds after which a session is ended and its target thawed")
+    a.add_argument("--thread-timeout-ms", type=int, default=500,
+                   help="default wait for each thread to stop")
+    a.set_defaults(func=_agent)
+
+    def agent_arg(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--agent", required=True, help="unix:PATH or HOST:PORT of the agent")
+        sp.add_argument("--timeout", type=float, default=30.0)
+
+    s = sub.add_parser("ps", help="list processes on an agent's host")
+    agent_arg(s)
+    s.add_argument("--comm")
+    s.add_argument("--exe", help="glob on the executable path")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_ps)
+
+    def capture_args(sp: argparse.ArgumentParser) -> None:
+        agent_arg(sp)
+        sp.add_argument("pid", type=int)
+        sp.add_argument("--start-time", type=int, default=0,
+                        help="refuse unless the process has this start time (from ps)")
+        sp.add_argument("--freeze-timeout-ms", type=int, default=0,
+                        help="wait per thread before giving up on it (agent default 500)")
+
+    d = sub.add_parser("dump", help="capture a core into a file")
+    capture_args(d)
+    d.add_argument("-o", "--output", help="core file to write (default core.PID)")
+    d.add_argument("--only", choices=("full", "stacks", "notes"), default="full",
+                   help="notes: threads, registers, mappings; stacks: notes + thread stacks")
+    d.add_argument("--stack-bytes", type=int, default=0,
+                   help="cap on stack bytes per thread for --only stacks (default 8 MiB)")
+    d.set_defaults(func=_dump)
+
+    n = sub.add_parser("notes", help="summarise threads, registers and mappings")
+    capture_args(n)
+    n.add_argument("--json", action="store_true")
+    n.set_defaults(func=_notes)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING - 10 * args.verbose if not args.quiet else logging.ERROR
+    logging.basicConfig(level=max(level, logging.DEBUG),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args))
+    except CaptureError as exc:
+        print(f"corepeek: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except OSError as exc:
+        print(f"corepeek: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class CaptureMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CAPTURE_MODE_UNSPECIFIED: _ClassVar[CaptureMode]
+    CAPTURE_MODE_FULL: _ClassVar[CaptureMode]
+    CAPTURE_MODE_STACKS: _ClassVar[CaptureMode]
+    CAPTURE_MODE_NOTES: _ClassVar[CaptureMode]
+CAPTURE_MODE_UNSPECIFIED: CaptureMode
+CAPTURE_MODE_FULL: CaptureMode
+CAPTURE_MODE_STACKS: CaptureMode
+CAPTURE_MODE_NOTES: CaptureMode
+
+class ListProcessesRequest(_message.Message):
+    __slots__ = ("comm", "exe_glob", "pid")
+    COMM_FIELD_NUMBER: _ClassVar[int]
+    EXE_GLOB_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    comm: str
+    exe_glob: str
+    pid: int
+    def __init__(self, comm: _Optional[str] = ..., exe_glob: _Optional[str] = ..., pid: _Optional[int] = ...) -> None: ...
+
+class ProcessInfo(_message.Message):
+    __slots__ = ("pid", "ppid", "uid", "comm", "exe", "cmdline", "threads", "rss_bytes", "start_time", "cgroup", "state", "elf_class")
+    PID_FIELD_NUMBER: _ClassVar[int]
+    PPID_FIELD_NUMBER: _ClassVar[int]
+    UID_FIELD_NUMBER: _ClassVar[int]
+    COMM_FIELD_NUMBER: _ClassVar[int]
+    EXE_FIELD_NUMBER: _ClassVar[int]
+    CMDLINE_FIELD_NUMBER: _ClassVar[int]
+    THREADS_FIELD_NUMBER: _ClassVar[int]
+    RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    START_TIME_FIELD_NUMBER: _ClassVar[int]
+    CGROUP_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    ELF_CLASS_FIELD_NUMBER: _ClassVar[int]
+    pid: int
+    ppid: int
+    uid: int
+    comm: str
+    exe: str
+    cmdline: _containers.RepeatedScalarFieldContainer[str]
+    threads: int
+    rss_bytes: int
+    start_time: int
+    cgroup: str
+    state: str
+    elf_class: int
+    def __init__(self, pid: _Optional[int] = ..., ppid: _Optional[int] = ..., uid: _Optional[int] = ..., comm: _Optional[str] = ..., exe: _Optional[str] = ..., cmdline: _Optional[_Iterable[str]] = ..., threads: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., start_time: _Optional[int] = ..., cgroup: _Optional[str] = ..., state: _Optional[str] = ..., elf_class: _Optional[int] = ...) -> None: ...
+
+class ListProcessesResponse(_message.Message):
+    __slots__ = ("processes", "hostname")
+    PROCESSES_FIELD_NUMBER: _ClassVar[int]
+    HOSTNAME_FIELD_NUMBER: _ClassVar[int]
+    processes: _containers.RepeatedCompositeFieldContainer[ProcessInfo]
+    hostname: str
+    def __init__(self, processes: _Optional[_Iterable[_Union[ProcessInfo, _Mapping]]] = ..., hostname: _Optional[str] = ...) -> None: ...
+
+class CaptureOptions(_message.Message):
+    __slots__ = ("freeze_timeout_ms", "mode", "max_chunk_bytes", "stack_bytes_per_thread")
+    FREEZE_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    STACK_BYTES_PER_THREAD_FIELD_NUMBER: _ClassVar[int]
+    freeze_timeout_ms: int
+    mode: CaptureMode
+    max_chunk_bytes: int
+    stack_bytes_per_thread: int
+    def __init__(self, freeze_timeout_ms: _Optional[int] = ..., mode: _Optional[_Union[CaptureMode, str]] = ..., max_chunk_bytes: _Optional[int] = ..., stack_bytes_per_thread: _Optional[int] = ...) -> None: ...
+
+class OpenCapture(_message.Message):
+    __slots__ = ("pid", "start_time", "options")
+    PID_FIELD_NUMBER: _ClassVar[int]
+    START_TIME_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    pid: int
+    start_time: int
+    options: CaptureOptions
+    def __init__(self, pid: _Optional[int] = ..., start_time: _Optional[int] = ..., options: _Optional[_Union[CaptureOptions, _Mapping]] = ...) -> None: ...
+
+class ReadRange(_message.Message):
+    __slots__ = ("offset", "length", "request_id")
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    offset: int
+    length: int
+    request_id: int
+    def __init__(self, offset: _Optional[int] = ..., length: _Optional[int] = ..., request_id: _Optional[int] = ...) -> None: ...
+
+class CaptureRequest(_message.Message):
+    __slots__ = ("open", "read")
+    OPEN_FIELD_NUMBER: _ClassVar[int]
+    READ_FIELD_NUMBER: _ClassVar[int]
+    open: OpenCapture
+    read: ReadRange
+    def __init__(self, open: _Optional[_Union[OpenCapture, _Mapping]] = ..., read: _Optional[_Union[ReadRange, _Mapping]] = ...) -> None: ...
+
+class ByteRange(_message.Message):
+    __slots__ = ("offset", "length")
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    offset: int
+    length: int
+    def __init__(self, offset: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
+
+class Segment(_message.Message):
+    __slots__ = ("file_offset", "vaddr", "file_size", "mem_size", "flags", "name", "file_page_offset", "shared", "stack")
+    FILE_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    VADDR_FIELD_NUMBER: _ClassVar[int]
+    FILE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MEM_SIZE_FIELD_NUMBER: _ClassVar[int]
+    FLAGS_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    FILE_PAGE_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    SHARED_FIELD_NUMBER: _ClassVar[int]
+    STACK_FIELD_NUMBER: _ClassVar[int]
+    file_offset: int
+    vaddr: int
+    file_size: int
+    mem_size: int
+    flags: int
+    name: str
+    file_page_offset: int
+    shared: bool
+    stack: bool
+    def __init__(self, file_offset: _Optional[int] = ..., vaddr: _Optional[int] = ..., file_size: _Optional[int] = ..., mem_size: _Optional[int] = ..., flags: _Optional[int] = ..., name: _Optional[str] = ..., file_page_offset: _Optional[int] = ..., shared: _Optional[bool] = ..., stack: _Optional[bool] = ...) -> None: ...
+
+class ThreadInfo(_message.Message):
+    __slots__ = ("tid", "frozen", "pc", "sp", "comm", "state")
+    TID_FIELD_NUMBER: _ClassVar[int]
+    FROZEN_FIELD_NUMBER: _ClassVar[int]
+    PC_FIELD_NUMBER: _ClassVar[int]
+    SP_FIELD_NUMBER: _ClassVar[int]
+    COMM_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    tid: int
+    frozen: bool
+    pc: int
+    sp: int
+    comm: str
+    state: str
+    def __init__(self, tid: _Optional[int] = ..., frozen: _Optional[bool] = ..., pc: _Optional[int] = ..., sp: _Optional[int] = ..., comm: _Optional[str] = ..., state: _Optional[str] = ...) -> None: ...
+
+class CoreLayout(_message.Message):
+    __slots__ = ("session_id", "total_size", "headers", "notes", "segments", "threads", "elf_class", "arch", "pid", "start_time", "comm", "exe", "section_headers", "freeze_micros", "max_chunk_bytes", "mode", "readable")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_SIZE_FIELD_NUMBER: _ClassVar[int]
+    HEADERS_FIELD_NUMBER: _ClassVar[int]
+    NOTES_FIELD_NUMBER: _ClassVar[int]
+    SEGMENTS_FIELD_NUMBER: _ClassVar[int]
+    THREADS_FIELD_NUMBER: _ClassVar[int]
+    ELF_CLASS_FIELD_NUMBER: _ClassVar[int]
+    ARCH_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    START_TIME_FIELD_NUMBER: _ClassVar[int]
+    COMM_FIELD_NUMBER: _ClassVar[int]
+    EXE_FIELD_NUMBER: _ClassVar[int]
+    SECTION_HEADERS_FIELD_NUMBER: _ClassVar[int]
+    FREEZE_MICROS_FIELD_NUMBER: _ClassVar[int]
+    MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    READABLE_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    total_size: int
+    headers: ByteRange
+    notes: ByteRange
+    segments: _containers.RepeatedCompositeFieldContainer[Segment]
+    threads: _containers.RepeatedCompositeFieldContainer[ThreadInfo]
+    elf_class: int
+    arch: str
+    pid: int
+    start_time: int
+    comm: str
+    exe: str
+    section_headers: ByteRange
+    freeze_micros: int
+    max_chunk_bytes: int
+    mode: CaptureMode
+    readable: _containers.RepeatedCompositeFieldContainer[ByteRange]
+    def __init__(self, session_id: _Optional[str] = ..., total_size: _Optional[int] = ..., headers: _Optional[_Union[ByteRange, _Mapping]] = ..., notes: _Optional[_Union[ByteRange, _Mapping]] = ..., segments: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ..., threads: _Optional[_Iterable[_Union[ThreadInfo, _Mapping]]] = ..., elf_class: _Optional[int] = ..., arch: _Optional[str] = ..., pid: _Optional[int] = ..., start_time: _Optional[int] = ..., comm: _Optional[str] = ..., exe: _Optional[str] = ..., section_headers: _Optional[_Union[ByteRange, _Mapping]] = ..., freeze_micros: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., mode: _Optional[_Union[CaptureMode, str]] = ..., readable: _Optional[_Iterable[_Union[ByteRange, _Mapping]]] = ...) -> None: ...
+
+class CoreChunk(_message.Message):
+    __slots__ = ("offset", "data", "hole_length", "request_id", "last")
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    HOLE_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    LAST_FIELD_NUMBER: _ClassVar[int]
+    offset: int
+    data: bytes
+    hole_length: int
+    request_id: int
+    last: bool
+    def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ..., hole_length: _Optional[int] = ..., request_id: _Optional[int] = ..., last: _Optional[bool] = ...) -> None: ...
+
+class CaptureResponse(_message.Message):
+    __slots__ = ("layout", "chunk")
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    layout: CoreLayout
+    chunk: CoreChunk
+    def __init__(self, layout: _Optional[_Union[CoreLayout, _Mapping]] = ..., chunk: _Optional[_Union[CoreChunk, _Mapping]] = ...) -> None: ...

@@ -1,0 +1,1 @@
+"""corepeek agent: freezes live processes and serves their ELF cores over gRPC."""

@@ -1,0 +1,62 @@
+"""One exception root for the agent; each error knows its gRPC status code.
+
+The mapping to gRPC happens in exactly one place (``service.py``) from the
+``code`` attribute; ``help`` tells an operator how to fix the cause.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class CorepeekError(Exception):
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    help: str = ""
+
+    def __init__(self, message: object = "", *, help: str | None = None) -> None:
+        super().__init__(str(message))
+        if help is not None:
+            self.help = help
+
+    def details(self) -> str:
+        text = str(self) or type(self).__name__
+        return f"{text} ({self.help})" if self.help else text
+
+
+class ProcessGone(CorepeekError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class InvalidRequest(CorepeekError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class StaleTarget(CorepeekError):
+    """The pid now names another process than the one the client meant."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class AlreadyTraced(CorepeekError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    help = "detach the debugger or tracer (gdb, strace) from the target first"
+
+
+class PermissionDenied(CorepeekError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class ResourceExhausted(CorepeekError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class SessionExpired(CorepeekError):
+    """The maximum freeze duration passed; the target was thawed."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class PtraceUnavailable(CorepeekError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    help = ("the agent needs CAP_SYS_PTRACE (run as root or grant the capability) and "
+            "ptrace must not be blocked by Yama ptrace_scope=3, seccomp or AppArmor")

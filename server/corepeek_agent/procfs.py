@@ -1,0 +1,220 @@
+"""Every read of /proc the agent makes, parsed into plain records.
+
+Kept in one module so the rest of the agent (and its tests) never parse /proc
+text themselves.  Functions raise ``ProcessGone`` when the process or thread
+vanished, which callers map to NOT_FOUND or drop the thread.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat as statmod
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from .elfcore.model import Mapping
+from .errors import ProcessGone
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+
+def _read(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except (FileNotFoundError, ProcessLookupError) as exc:
+        raise ProcessGone(path) from exc
+    except OSError as exc:
+        if exc.errno in (3,):  # ESRCH: zombie or exiting task
+            raise ProcessGone(path) from exc
+        raise
+
+
+@dataclass(frozen=True)
+class Stat:
+    """Selected fields of /proc/PID[/task/TID]/stat (see proc(5))."""
+
+    pid: int
+    comm: str
+    state: str
+    ppid: int
+    pgrp: int
+    session: int
+    flags: int
+    utime: int      # clock ticks
+    stime: int
+    cutime: int
+    cstime: int
+    nice: int
+    num_threads: int
+    start_time: int  # clock ticks after boot
+    rss_pages: int
+
+
+def parse_stat(text: str) -> Stat:
+    """Parse a stat line; comm may contain spaces and parentheses."""
+    lpar, rpar = text.index("("), text.rindex(")")
+    rest = text[rpar + 2:].split()
+    # rest[0] is field 3 (state); field N is rest[N - 3].
+    f = lambda n: int(rest[n - 3])  # noqa: E731
+    return Stat(pid=int(text[:lpar]), comm=text[lpar + 1:rpar], state=rest[0],
+                ppid=f(4), pgrp=f(5), session=f(6), flags=f(9), utime=f(14), stime=f(15),
+                cutime=f(16), cstime=f(17), nice=f(19), num_threads=f(20),
+                start_time=f(22), rss_pages=f(24))
+
+
+def stat(pid: int, tid: int | None = None) -> Stat:
+    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
+    return parse_stat(_read(path).decode(errors="replace"))
+
+
+def status(pid: int, tid: int | None = None) -> dict[str, str]:
+    """/proc/.../status as a dict of raw values."""
+    path = f"/proc/{pid}/status" if tid is None else f"/proc/{pid}/task/{tid}/status"
+    out: dict[str, str] = {}
+    for line in _read(path).decode(errors="replace").splitlines():
+        key, _, value = line.partition(":")
+        out[key] = value.strip()
+    return out
+
+
+def ticks_to_us(ticks: int) -> int:
+    return ticks * 1_000_000 // CLK_TCK
+
+
+def pids() -> list[int]:
+    return sorted(int(d) for d in os.listdir("/proc") if d.isdigit())
+
+
+def task_ids(pid: int) -> set[int]:
+    try:
+        return {int(t) for t in os.listdir(f"/proc/{pid}/task")}
+    except (FileNotFoundError, ProcessLookupError) as exc:
+        raise ProcessGone(pid) from exc
+
+
+def comm(pid: int) -> str:
+    return _read(f"/proc/{pid}/comm").decode(errors="replace").rstrip("\n")
+
+
+def cmdline(pid: int) -> list[str]:
+    raw = _read(f"/proc/{pid}/cmdline")
+    return [a.decode(errors="replace") for a in raw.split(b"\0")[:-1]] if raw else []
+
+
+def cmdline_bytes(pid: int) -> bytes:
+    return _read(f"/proc/{pid}/cmdline")
+
+
+def exe(pid: int) -> str:
+    try:
+        return os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return ""
+
+
+def exe_elf_class(pid: int) -> int:
+    """32 or 64 from the executable's own ELF header (0 if unreadable)."""
+    try:
+        with open(f"/proc/{pid}/exe", "rb") as f:
+            ident = f.read(5)
+    except OSError:
+        return 0
+    if ident[:4] != b"\x7fELF":
+        return 0
+    return {1: 32, 2: 64}.get(ident[4], 0)
+
+
+def cgroup(pid: int) -> str:
+    try:
+        text = _read(f"/proc/{pid}/cgroup").decode(errors="replace")
+    except (ProcessGone, PermissionError):
+        return ""
+    for line in text.splitlines():
+        if line.startswith("0::"):
+            return line[3:]
+    return text.splitlines()[0].split(":", 2)[-1] if text else ""
+
+
+def auxv(pid: int, tid: int | None = None) -> bytes:
+    base = f"/proc/{pid}" if tid is None else f"/proc/{pid}/task/{tid}"
+    return _read(f"{base}/auxv")
+
+
+def coredump_filter(pid: int) -> int:
+    return int(_read(f"/proc/{pid}/coredump_filter").decode().strip() or "33", 16)
+
+
+_MAPS_LINE = re.compile(
+    r"^([0-9a-f]+)-([0-9a-f]+) (\S{4}) ([0-9a-f]+) (\S+) (\d+)\s*(.*)$")
+
+
+def _stat_map_file(pid: int, start: int, end: int) -> tuple[int | None, int | None]:
+    try:
+        st = os.stat(f"/proc/{pid}/map_files/{start:x}-{end:x}")
+    except OSError:
+        return None, None
+    return st.st_nlink, statmod.S_IMODE(st.st_mode)
+
+
+def parse_smaps(text: str) -> Iterator[tuple[re.Match[str], dict[str, str]]]:
+    """Yield each maps line match with its smaps fields."""
+    current: re.Match[str] | None = None
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        m = _MAPS_LINE.match(line)
+        if m and "-" in line.split(" ", 1)[0]:
+            if current is not None:
+                yield current, fields
+            current, fields = m, {}
+        elif current is not None:
+            key, _, value = line.partition(":")
+            fields[key] = value.strip()
+    if current is not None:
+        yield current, fields
+
+
+def _kb(value: str | None) -> int:
+    return int(value.split()[0]) * 1024 if value else 0
+
+
+def mappings(pid: int, tid: int | None = None) -> list[Mapping]:
+    """Every VMA with the smaps facts the dump filter needs.
+
+    ``tid`` names a live thread to read through, for processes whose group
+    leader is a zombie (its own maps are empty).
+    """
+    base = f"/proc/{pid}" if tid is None else f"/proc/{pid}/task/{tid}"
+    text = _read(f"{base}/smaps").decode(errors="surrogateescape")
+    out: list[Mapping] = []
+    for m, fields in parse_smaps(text):
+        start, end = int(m.group(1), 16), int(m.group(2), 16)
+        inode = int(m.group(6))
+        path = m.group(7)
+        nlink = mode = None
+        if inode != 0:
+            nlink, mode = _stat_map_file(pid, start, end)
+        out.append(Mapping(
+            start=start, end=end, perms=m.group(3), offset=int(m.group(4), 16),
+            inode=inode, path=path,
+            vm_flags=frozenset(fields.get("VmFlags", "").split()),
+            anon_bytes=_kb(fields.get("Anonymous")) + _kb(fields.get("Swap")),
+            file_nlink=nlink, file_mode=mode))
+    return out
+
+
+def signal_masks(pid: int, tid: int) -> tuple[int, int]:
+    """(pending, blocked) signal masks of one thread."""
+    st = status(pid, tid)
+    return int(st.get("SigPnd", "0"), 16), int(st.get("SigBlk", "0"), 16)
+
+
+def tracer_pid(pid: int, tid: int | None = None) -> int:
+    return int(status(pid, tid).get("TracerPid", "0"))
+
+
+def uid_gid(pid: int) -> tuple[int, int]:
+    st = status(pid)
+    return int(st["Uid"].split()[0]), int(st["Gid"].split()[0])
