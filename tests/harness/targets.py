@@ -349,14 +349,17 @@ class Target:
                 out[tid] = int(value)
         return out
 
-    def wait_state(self, letters: str, timeout: float = 5.0) -> str:
-        """Poll until the process state is one of letters; returns it or raises TargetError."""
+    def wait_state(self, letters: str, timeout: float = 5.0) -> dict[int, str]:
+        """Poll until every thread's state is one of letters (e.g. "T", "SRD"); returns the
+        states or raises TargetError. Group stops and continues reach threads one by one."""
         deadline = time.monotonic() + timeout
-        while (state := self.state()) not in letters or not state:
+        while True:
+            states = self.thread_states()
+            if states and all(s in letters for s in states.values()):
+                return states
             if time.monotonic() > deadline:
-                raise TargetError(f"state stayed {state!r}, wanted one of {letters!r}")
+                raise TargetError(f"thread states {states}, wanted all in {letters!r}")
             time.sleep(0.005)
-        return state
 
     def stderr_text(self) -> str:
         self._stderr.seek(0)

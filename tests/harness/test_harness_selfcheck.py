@@ -111,7 +111,7 @@ def test_stop_is_detected(bindir: Path) -> None:
         with pytest.raises(TargetError, match="frozen or stuck"):
             t.command("status", timeout=0.3)
         t.send_signal(signal.SIGCONT)
-        t.wait_state("SR")
+        t.wait_state("SRD")
         assert t.status()["reply"] == "status"  # the late reply to the timed-out one is skipped
         seen = t.watch_status()
         assert seen["wait_stopped"] == 1 and seen["wait_continued"] == 1, seen
@@ -137,7 +137,7 @@ def test_eintr_probe_sees_stop(bindir: Path) -> None:
         t.send_signal(signal.SIGSTOP)
         t.wait_state("T")
         t.send_signal(signal.SIGCONT)
-        t.wait_state("SR")
+        t.wait_state("SRD")
         time.sleep(0.05)
         after = checks.assert_thawed_and_undisturbed(t)  # the common counters stay clean
         for probe in ("epoll", "semop", "semtimedop", "sigtimedwait", "recv"):
@@ -176,7 +176,7 @@ def test_bigmem_sparse_and_gap(bindir: Path) -> None:
         t.send_signal(signal.SIGSTOP)
         time.sleep(0.3)
         t.send_signal(signal.SIGCONT)
-        t.wait_state("SR")
+        t.wait_state("SRD")
         time.sleep(0.05)
         st = t.status()
         assert 300_000 <= st["maxgap_us"] < 2_000_000, st

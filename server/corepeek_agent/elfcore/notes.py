@@ -39,8 +39,11 @@ def prstatus(arch: ArchSpec, proc: ProcessState, thread: ThreadState,
              *, leader: bool, cursig: int = 0) -> bytes:
     """``struct elf_prstatus`` for one thread (zeroed registers if not frozen)."""
     w = arch.word_format
+    # pr_sigpend/pr_sighold are (compat_)ulong: a compat core keeps sig[0]'s
+    # low 32 bits (signals 1-32), as the kernel's assignment truncates it.
+    word_mask = (1 << (8 * arch.word_size)) - 1
     head = struct.pack(f"<iiih2x{w}{w}iiii", cursig, 0, 0, cursig,
-                       thread.sigpend, thread.sighold,
+                       thread.sigpend & word_mask, thread.sighold & word_mask,
                        thread.tid, proc.ppid, proc.pgrp, proc.sid)
     utime, stime = ((proc.utime_us, proc.stime_us) if leader
                     else (thread.utime_us, thread.stime_us))

@@ -1,0 +1,35 @@
+"""Parsing /proc text: stat lines with awkward comm names, smaps blocks."""
+
+from __future__ import annotations
+
+from corepeek_agent.procfs import parse_smaps, parse_stat
+
+
+def test_stat_with_spaces_and_parens_in_comm() -> None:
+    fields = " ".join(str(i) for i in range(4, 53))
+    st = parse_stat(f"4242 (a b) (c)) S {fields}")
+    assert st.pid == 4242 and st.comm == "a b) (c)" and st.state == "S"
+    assert st.ppid == 4 and st.flags == 9 and st.start_time == 22 and st.num_threads == 20
+
+
+SMAPS = """\
+55dfd9652000-55dfd9654000 r--p 00000000 fe:00 260131                     /usr/bin/cat
+Size:                  8 kB
+Anonymous:             4 kB
+VmFlags: rd mr mw me
+7ffd1000-7ffd3000 rw-p 00000000 00:00 0                          [stack]
+Size:                  8 kB
+Anonymous:             8 kB
+Swap:                  4 kB
+VmFlags: rd wr mr mw me gd ac
+7ffe1000-7ffe2000 rw-p 00000000 00:00 0 
+Size:                  4 kB
+VmFlags: rd wr mr mw me ac dd
+"""
+
+
+def test_smaps_blocks() -> None:
+    blocks = list(parse_smaps(SMAPS))
+    assert [b[0].group(7) for b in blocks] == ["/usr/bin/cat", "[stack]", ""]
+    assert blocks[1][1]["Swap"] == "4 kB"
+    assert "dd" in blocks[2][1]["VmFlags"].split()
