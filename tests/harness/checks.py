@@ -87,23 +87,35 @@ def ptrace_available() -> tuple[bool, str]:
         child.wait()
 
 
-def leftover_processes(root: int | None = None, ignore: Collection[int] = ()) -> list[str]:
-    """Descendants of root (default: this process) still alive, plus any process traced by
-    root or a descendant; pids in ignore (and their descendants) are allowed. [] = clean."""
-    root = os.getpid() if root is None else root
-    parents: dict[int, int] = {}
+def _parents() -> dict[int, int]:
+    parents = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             ppid = proc_status_field(Path(f"/proc/{entry}/status"), "PPid")
             if ppid is not None:
                 parents[int(entry)] = int(ppid)
-    family, allowed = {root}, set(ignore)
-    for group in (family, allowed):
-        grown = True
-        while grown:
-            kids = {pid for pid, ppid in parents.items() if ppid in group} - group
-            group |= kids
-            grown = bool(kids)
+    return parents
+
+
+def _closure(roots: set[int], parents: dict[int, int]) -> set[int]:
+    found = set(roots)
+    while kids := {pid for pid, ppid in parents.items() if ppid in found} - found:
+        found |= kids
+    return found
+
+
+def descendants(root: int | None = None) -> set[int]:
+    """Pids below root (default: this process), e.g. to snapshot before a test."""
+    root = os.getpid() if root is None else root
+    return _closure({root}, _parents()) - {root}
+
+
+def leftover_processes(root: int | None = None, ignore: Collection[int] = ()) -> list[str]:
+    """Descendants of root (default: this process) still alive, plus any process traced by
+    root or a descendant; pids in ignore (and their descendants) are allowed. [] = clean."""
+    root = os.getpid() if root is None else root
+    parents = _parents()
+    family, allowed = _closure({root}, parents), _closure(set(ignore), parents)
     found = []
     for pid in parents:
         path = Path(f"/proc/{pid}/status")
@@ -126,4 +138,4 @@ def assert_no_leftover_processes(root: int | None = None, ignore: Collection[int
 
 
 __all__ = ["assert_thawed_and_undisturbed", "ptrace_available", "leftover_processes",
-           "assert_no_leftover_processes", "TargetError"]
+           "assert_no_leftover_processes", "descendants", "TargetError"]

@@ -205,27 +205,27 @@ class Target:
         """Spawn and wait for the ready line; raises TargetError with stderr on failure."""
         ctl_r, ctl_w = os.pipe()
         out_r, out_w = os.pipe()
+        self._chan = _Channel(out_r, ctl_w, self.describe)
         env = {**os.environ, **self.extra_env, "CP_CTL_FD": str(ctl_r), "CP_OUT_FD": str(out_w)}
         argv = [str(self.exe), *self.args]
-        opened = [ctl_r, out_w]
+        child_ends = [ctl_r, out_w]  # closed here once the child has them
         try:
-            if self.watcher is None:
-                self.proc = subprocess.Popen(argv, env=env, pass_fds=(ctl_r, out_w),
-                                             stdin=subprocess.DEVNULL, stdout=self._stderr,
-                                             stderr=self._stderr)
-            else:
-                wctl_r, wctl_w = os.pipe()
-                wout_r, wout_w = os.pipe()
-                opened += [wctl_r, wout_w]
-                self._watch_chan = _Channel(wout_r, wctl_w, self.describe)
-                self.proc = subprocess.Popen([str(self.watcher), *argv], env=env,
-                                             pass_fds=(ctl_r, out_w), stdin=wctl_r, stdout=wout_w,
-                                             stderr=self._stderr)
-        finally:
-            for fd in opened:
-                os.close(fd)
-        self._chan = _Channel(out_r, ctl_w, self.describe)
-        try:
+            try:
+                if self.watcher is None:
+                    self.proc = subprocess.Popen(argv, env=env, pass_fds=(ctl_r, out_w),
+                                                 stdin=subprocess.DEVNULL, stdout=self._stderr,
+                                                 stderr=self._stderr)
+                else:
+                    wctl_r, wctl_w = os.pipe()
+                    wout_r, wout_w = os.pipe()
+                    child_ends += [wctl_r, wout_w]
+                    self._watch_chan = _Channel(wout_r, wctl_w, self.describe)
+                    self.proc = subprocess.Popen([str(self.watcher), *argv], env=env,
+                                                 pass_fds=(ctl_r, out_w), stdin=wctl_r,
+                                                 stdout=wout_w, stderr=self._stderr)
+            finally:
+                for fd in child_ends:
+                    os.close(fd)
             if self._watch_chan is not None:
                 self.watch_ready = self._expect_ready(self._watch_chan, "parent_watch ready line")
                 self.pid = int(self.watch_ready["child_pid"])
@@ -309,12 +309,16 @@ class Target:
     def status(self, timeout: float = 5.0) -> dict[str, Value]:
         return self.command("status", timeout)
 
-    def watch_status(self, timeout: float = 5.0) -> dict[str, Value]:
-        """What parent_watch saw of the target (sigchld, wait_stopped, wait_continued, events)."""
+    def watch_command(self, cmd: str, timeout: float = 5.0) -> dict[str, Value]:
+        """Send a command ("status", "quit") to parent_watch; reply fields plus 'reply'."""
         if self._watch_chan is None:
             raise TargetError("target was not started with watcher=parent_watch")
-        word, fields = self._watch_chan.request("status", timeout)
+        word, fields = self._watch_chan.request(cmd, timeout)
         return {"reply": word, **fields}
+
+    def watch_status(self, timeout: float = 5.0) -> dict[str, Value]:
+        """What parent_watch saw of the target (sigchld, wait_stopped, wait_continued, events)."""
+        return self.watch_command("status", timeout)
 
     def send_signal(self, sig: int) -> None:
         """Signal the target via its pidfd (safe against pid reuse)."""

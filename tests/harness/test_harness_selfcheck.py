@@ -33,8 +33,9 @@ def ptrace_ok() -> None:
 
 @pytest.fixture(autouse=True)
 def no_leftovers():
+    before = checks.descendants()  # e.g. an agent started by another test's fixture
     yield
-    checks.assert_no_leftover_processes()
+    checks.assert_no_leftover_processes(ignore=before)
 
 
 def test_build_all_and_cache(bindir: Path) -> None:
@@ -55,7 +56,7 @@ def test_threads_protocol(bindir: Path) -> None:
         tids = t.tids()
         assert len(tids) == 7
         assert {r[k] for k in ROLE_FUNCS} == set(tids)
-        assert t.state() in "SR" and t.tracer_pid() == 0
+        assert t.state() in ("S", "R") and t.tracer_pid() == 0
         assert set(t.thread_states()) == set(tids)
         assert Path(f"/proc/{t.pid}/task/{r['tid_sleeper']}/comm").read_text().strip() == "cp_sleeper"
 
@@ -123,6 +124,12 @@ def test_stop_is_detected(bindir: Path) -> None:
         while "wait:exited:0" not in t.watch_status()["events"] and time.monotonic() < deadline:
             time.sleep(0.02)
         assert "wait:exited:0" in t.watch_status()["events"]
+
+
+def test_parent_watch_quit(bindir: Path) -> None:
+    with Target(build_target("threads", bindir), watcher=build_target("parent_watch", bindir)) as t:
+        assert t.watch_command("quit")["reply"] == "bye"
+        assert t.wait_exit() is None and t.proc.wait(timeout=5) == 0
 
 
 def test_eintr_probe_sees_stop(bindir: Path) -> None:
