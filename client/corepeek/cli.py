@@ -14,7 +14,7 @@ from pathlib import Path
 
 import grpc
 
-from .channel import open_channel
+from .channel import TLSOptions, open_channel
 from .errors import CaptureError
 from .v1 import capture_pb2 as pb
 from .v1 import capture_pb2_grpc as pb_grpc
@@ -29,13 +29,25 @@ def _agent(args: argparse.Namespace) -> int:
     config = AgentConfig(max_sessions=args.max_sessions,
                          max_freeze_seconds=args.max_freeze,
                          default_thread_timeout=args.thread_timeout_ms / 1000)
+    from corepeek_agent.tls import TLSFiles
+
     serve(args.listen, insecure=args.insecure, config=config,
-          socket_mode=int(args.socket_mode, 8))
+          socket_mode=int(args.socket_mode, 8), socket_group=args.socket_group,
+          tls=TLSFiles.from_args(args.tls_cert, args.tls_key, args.tls_ca),
+          policy_path=args.policy, audit_log=args.audit_log,
+          sessions_per_minute=args.sessions_per_minute)
     return EXIT_OK
 
 
+def _tls(args: argparse.Namespace) -> TLSOptions | None:
+    """The client's TLS flags (the COREPEEK_TLS_* environment fills in when absent)."""
+    opts = TLSOptions(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key,
+                      server_name=args.tls_server_name)
+    return opts if opts.enabled else None
+
+
 def _ps(args: argparse.Namespace) -> int:
-    stub = pb_grpc.CoreCaptureServiceStub(open_channel(args.agent))
+    stub = pb_grpc.CoreCaptureServiceStub(open_channel(args.agent, _tls(args)))
     try:
         resp = stub.ListProcesses(pb.ListProcessesRequest(comm=args.comm or "",
                                                           exe_glob=args.exe or ""),
@@ -68,7 +80,8 @@ def _dump(args: argparse.Namespace) -> int:
 
     out = Path(args.output or f"core.{args.pid}")
     t0 = time.monotonic()
-    with open_capture(args.agent, args.pid, start_time=args.start_time, mode=args.only,
+    with open_capture(args.agent, args.pid, tls=_tls(args), start_time=args.start_time,
+                      mode=args.only,
                       freeze_timeout_ms=args.freeze_timeout_ms,
                       stack_bytes=args.stack_bytes) as core:
         lay = core.layout
@@ -101,7 +114,8 @@ def _notes(args: argparse.Namespace) -> int:
     from .notes_summary import render_text, summarize
     from .remote import open_capture
 
-    with open_capture(args.agent, args.pid, start_time=args.start_time, mode="notes",
+    with open_capture(args.agent, args.pid, tls=_tls(args), start_time=args.start_time,
+                      mode="notes",
                       freeze_timeout_ms=args.freeze_timeout_ms) as core:
         summary = summarize(core)
     if args.json:
@@ -122,6 +136,16 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--insecure", action="store_true",
                    help="allow plaintext TCP (loopback addresses only)")
     a.add_argument("--socket-mode", default="600", help="octal mode of a unix socket (600)")
+    a.add_argument("--socket-group", help="group owning the unix socket (with --socket-mode 660)")
+    a.add_argument("--tls-cert", help="agent certificate (PEM); TCP needs all three --tls-*")
+    a.add_argument("--tls-key", help="agent private key (PEM)")
+    a.add_argument("--tls-ca", help="CA bundle client certificates must chain to (PEM)")
+    a.add_argument("--policy", help="policy file (YAML/TOML): who may capture what; default: "
+                   "local peers everything dumpable, TLS clients nothing")
+    a.add_argument("--audit-log", default="-",
+                   help="file for the JSON-lines audit log (default -: stderr)")
+    a.add_argument("--sessions-per-minute", type=int, default=None,
+                   help="per-client session rate limit (default: the policy's, 60)")
     a.add_argument("--max-sessions", type=int, default=16)
     a.add_argument("--max-freeze", type=float, default=300.0,
                    help="seconds after which a session is ended and its target thawed")
@@ -132,6 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
     def agent_arg(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--agent", required=True, help="unix:PATH or HOST:PORT of the agent")
         sp.add_argument("--timeout", type=float, default=30.0)
+        sp.add_argument("--tls-ca", help="CA the agent's certificate chains to (PEM)")
+        sp.add_argument("--tls-cert", help="this client's certificate (PEM)")
+        sp.add_argument("--tls-key", help="this client's private key (PEM)")
+        sp.add_argument("--tls-server-name", help="name expected in the agent's certificate")
 
     s = sub.add_parser("ps", help="list processes on an agent's host")
     agent_arg(s)
@@ -180,6 +208,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # noqa: BLE001 - one line for the operator, not a traceback
+        if type(exc).__module__.startswith("corepeek_agent"):
+            print(f"corepeek: {exc}", file=sys.stderr)
+            return EXIT_ERROR
+        raise
 
 
 if __name__ == "__main__":

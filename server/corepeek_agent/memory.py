@@ -18,6 +18,8 @@ import os
 import struct
 from collections.abc import Iterator
 
+from .errors import ProcessGone
+
 PAGE = os.sysconf("SC_PAGE_SIZE")
 _PM_PRESENT = 1 << 63
 _PM_SWAPPED = 1 << 62
@@ -154,6 +156,8 @@ class MemoryReader:
             err = ctypes.get_errno()
             if err in (errno.EFAULT, errno.EIO, errno.ENOMEM):
                 return 0
+            if err == errno.ESRCH:
+                raise ProcessGone(f"process of thread {self.tid} exited during the capture")
             raise OSError(err, f"process_vm_readv({self.tid}): {os.strerror(err)}")
         return int(got)
 

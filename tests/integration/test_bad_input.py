@@ -1,0 +1,109 @@
+"""Bad input gets a precise gRPC status, never a hang or a frozen target."""
+
+from __future__ import annotations
+
+import queue
+import subprocess
+
+import grpc
+import pytest
+
+from corepeek.errors import CaptureError
+from corepeek.remote import open_capture
+from corepeek.v1 import capture_pb2 as pb
+from corepeek.v1 import capture_pb2_grpc as pb_grpc
+from harness.checks import assert_thawed_and_undisturbed
+from harness.targets import Target
+
+
+def _stream(address: str, *requests: pb.CaptureRequest) -> tuple[list[pb.CaptureResponse], grpc.RpcError | None]:
+    with grpc.insecure_channel(address) as ch:
+        call = pb_grpc.CoreCaptureServiceStub(ch).Capture(iter(requests), timeout=20)
+        got = []
+        try:
+            for r in call:
+                got.append(r)
+        except grpc.RpcError as exc:
+            return got, exc
+        return got, None
+
+
+def _free_pid() -> int:
+    pid = 4_000_000
+    while True:
+        try:
+            open(f"/proc/{pid}/stat").close()
+            pid -= 1
+        except FileNotFoundError:
+            return pid
+
+
+def test_unknown_pid_is_not_found(agent) -> None:
+    with pytest.raises(CaptureError) as exc:
+        open_capture(agent.address, _free_pid())
+    assert exc.value.code == grpc.StatusCode.NOT_FOUND
+
+
+def test_read_before_open_is_invalid_argument(agent) -> None:
+    _, err = _stream(agent.address, pb.CaptureRequest(read=pb.ReadRange(offset=0, length=10)))
+    assert err is not None and err.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_second_open_is_invalid_argument_and_thaws(agent, build, require_root) -> None:
+    with Target(build("threads")) as t:
+        open_req = pb.CaptureRequest(open=pb.OpenCapture(pid=t.pid))
+        got, err = _stream(agent.address, open_req, open_req)
+        assert got and got[0].WhichOneof("response") == "layout"
+        assert err is not None and err.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert_thawed_and_undisturbed(t)
+
+
+def test_zero_length_and_huge_reads_are_invalid(agent, build, require_root) -> None:
+    with Target(build("threads")) as t:
+        for rng in (pb.ReadRange(offset=0, length=0), pb.ReadRange(offset=0, length=1 << 60),
+                    pb.ReadRange(offset=1 << 63, length=1)):
+            _, err = _stream(agent.address, pb.CaptureRequest(open=pb.OpenCapture(pid=t.pid)),
+                             pb.CaptureRequest(read=rng))
+            assert err is not None and err.code() == grpc.StatusCode.INVALID_ARGUMENT, rng
+        assert_thawed_and_undisturbed(t)
+
+
+def test_changed_start_time_is_failed_precondition(agent, build, require_root) -> None:
+    with Target(build("threads")) as t:
+        start = int(open(f"/proc/{t.pid}/stat").read().rsplit(")", 1)[1].split()[19])
+        with pytest.raises(CaptureError) as exc:
+            open_capture(agent.address, t.pid, start_time=start + 1)
+        assert exc.value.code == grpc.StatusCode.FAILED_PRECONDITION
+        with open_capture(agent.address, t.pid, start_time=start) as core:
+            assert core.layout.start_time == start
+        assert_thawed_and_undisturbed(t)
+
+
+def test_target_traced_by_another_debugger_is_failed_precondition(agent, build, require_root) -> None:
+    with Target(build("threads")) as t:
+        gdb = subprocess.Popen(["gdb", "-q", "-nx", "-p", str(t.pid)], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            for _ in range(200):
+                if t.tracer_pid():
+                    break
+                subprocess.run(["sleep", "0.05"])
+            assert t.tracer_pid() == gdb.pid
+            with pytest.raises(CaptureError) as exc:
+                open_capture(agent.address, t.pid)
+            assert exc.value.code == grpc.StatusCode.FAILED_PRECONDITION
+            assert "traced" in str(exc.value)
+            assert t.tracer_pid() == gdb.pid        # gdb's session is untouched
+        finally:
+            gdb.communicate("detach\nquit\n", timeout=30)
+        t.wait_state("SR")
+        assert_thawed_and_undisturbed(t)
+
+
+def test_second_capture_of_the_same_pid_is_aborted(agent, build, require_root) -> None:
+    with Target(build("threads")) as t:
+        with open_capture(agent.address, t.pid):
+            with pytest.raises(CaptureError) as exc:
+                open_capture(agent.address, t.pid)
+            assert exc.value.code == grpc.StatusCode.ABORTED
+        assert_thawed_and_undisturbed(t)

@@ -1,0 +1,143 @@
+"""The freeze changes nothing the target can observe — except what signal(7) says.
+
+Each test freezes a real target through the agent, acts on it while frozen,
+closes the stream and proves the target carried on exactly as before.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from corepeek.remote import open_capture
+from harness.checks import assert_thawed_and_undisturbed
+from harness.targets import Target, sigqueue
+
+SIGRT = signal.SIGRTMIN + 2
+
+
+def _frozen_states(t: Target) -> dict[int, str]:
+    return t.thread_states()
+
+
+def test_frozen_while_the_stream_is_open_and_running_after(agent, build, require_root) -> None:
+    with Target(build("threads"), watcher=build("parent_watch")) as t:
+        with open_capture(agent.address, t.pid) as core:
+            states = _frozen_states(t)
+            assert set(states.values()) == {"t"}, states
+            assert core.layout.freeze_micros > 0
+        assert_thawed_and_undisturbed(t)
+        woke = t.command("wake")
+        assert (woke["nanosleep"], woke["pipe"], woke["cond"]) == ("ok", "ok", "ok"), woke
+
+
+def test_signals_sent_during_the_freeze_arrive_after_it_in_order(agent, build, require_root) -> None:
+    with Target(build("threads"), watcher=build("parent_watch")) as t:
+        before = t.status()
+        with open_capture(agent.address, t.pid):
+            t.send_signal(signal.SIGUSR1)
+            for payload in (11, 22, 33, 44):
+                sigqueue(t.pid, SIGRT, payload)
+            time.sleep(0.1)
+            assert set(t.thread_states().values()) == {"t"}
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            st = t.status()
+            if len(st["rt"]) >= len(before["rt"]) + 4 and st["usr1"] > before["usr1"]:
+                break
+            time.sleep(0.05)
+        assert st["usr1"] == before["usr1"] + 1
+        assert st["rt"][-4:] == [11, 22, 33, 44], st["rt"]
+        assert st["rt_dropped"] == 0
+        assert_thawed_and_undisturbed(t)
+
+
+def test_signal_arriving_during_the_seize_is_not_lost(agent, build, require_root) -> None:
+    # A storm of signals while capturing repeatedly: some arrive between SEIZE
+    # and the interrupt stop (signal-delivery-stops), which must be handed back.
+    with Target(build("threads")) as t:
+        sent = 0
+        for _ in range(20):
+            sigqueue(t.pid, SIGRT, sent)
+            sent += 1
+            with open_capture(agent.address, t.pid):
+                sigqueue(t.pid, SIGRT, sent)
+                sent += 1
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and len(t.status()["rt"]) < sent:
+            time.sleep(0.05)
+        assert t.status()["rt"] == list(range(sent))
+        assert_thawed_and_undisturbed(t)
+
+
+def test_a_stopped_process_stays_stopped(agent, build, require_root, tmp_path: Path) -> None:
+    with Target(build("threads"), watcher=build("parent_watch")) as t:
+        t.send_signal(signal.SIGSTOP)
+        t.wait_state("T")
+        seen_before = t.watch_status()
+        with open_capture(agent.address, t.pid) as core:
+            assert core.layout.total_size > 0
+        assert_thawed_and_undisturbed(t, expect_stopped=True)
+        assert t.watch_status()["events"] == seen_before["events"]
+        t.send_signal(signal.SIGCONT)
+        t.wait_state("SR")
+        # Our own SIGSTOP/SIGCONT are visible to the parent; nothing else is.
+        assert_thawed_and_undisturbed(t, check_parent=False)
+
+
+def _probe_counts(t: Target) -> dict[str, int]:
+    st = t.status()
+    return {k[:-len("_eintr")]: int(v) for k, v in st.items() if k.endswith("_eintr")}
+
+
+def test_eintr_after_a_freeze_is_exactly_what_any_stop_causes(agent, build, require_root) -> None:
+    """signal(7): these calls fail with EINTR after a stop, whatever stopped them.
+
+    Measured side by side: one corepeek freeze and one SIGSTOP/SIGCONT each
+    make every probe return EINTR once — no more, no less.
+    """
+    with Target(build("eintr_probe")) as t:
+        base = _probe_counts(t)
+        with open_capture(agent.address, t.pid):
+            pass
+        time.sleep(0.3)
+        after_freeze = _probe_counts(t)
+        t.send_signal(signal.SIGSTOP)
+        t.wait_state("T")
+        t.send_signal(signal.SIGCONT)
+        t.wait_state("SR")
+        time.sleep(0.3)
+        after_stop = _probe_counts(t)
+    by_freeze = {k: after_freeze[k] - base[k] for k in base}
+    by_sigstop = {k: after_stop[k] - after_freeze[k] for k in base}
+    assert set(base) >= {"epoll", "semop", "semtimedop", "sigtimedwait", "recv"}
+    assert by_freeze == by_sigstop, (by_freeze, by_sigstop)
+
+
+def test_cgroup_v1_freezer_causes_the_same_eintr(build, require_root, tmp_path: Path) -> None:
+    root = Path("/sys/fs/cgroup/freezer")
+    if not (root / "tasks").exists():
+        pytest.skip("no cgroup v1 freezer hierarchy on this machine")
+    group = root / f"corepeek-test-{os.getpid()}"
+    group.mkdir()
+    try:
+        with Target(build("eintr_probe")) as t:
+            base = _probe_counts(t)
+            for tid in t.tids():
+                (group / "tasks").write_text(str(tid))
+            (group / "freezer.state").write_text("FROZEN")
+            time.sleep(0.2)
+            (group / "freezer.state").write_text("THAWED")
+            time.sleep(0.3)
+            diff = {k: v - base[k] for k, v in _probe_counts(t).items()}
+            for tid in t.tids():
+                (root / "tasks").write_text(str(tid))
+    finally:
+        group.rmdir()
+    # The kernel's own freezer interrupts the same class of calls (not all of
+    # them: FACTS.md lists epoll_wait, semop, semtimedop for cgroup v1).
+    assert diff["epoll"] == 1 and diff["semop"] == 1 and diff["semtimedop"] == 1, diff
