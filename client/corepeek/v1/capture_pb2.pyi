@@ -65,16 +65,18 @@ class ListProcessesResponse(_message.Message):
     def __init__(self, processes: _Optional[_Iterable[_Union[ProcessInfo, _Mapping]]] = ..., hostname: _Optional[str] = ...) -> None: ...
 
 class CaptureOptions(_message.Message):
-    __slots__ = ("freeze_timeout_ms", "mode", "max_chunk_bytes", "stack_bytes_per_thread")
+    __slots__ = ("freeze_timeout_ms", "mode", "max_chunk_bytes", "stack_bytes_per_thread", "snapshot")
     FREEZE_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     STACK_BYTES_PER_THREAD_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
     freeze_timeout_ms: int
     mode: CaptureMode
     max_chunk_bytes: int
     stack_bytes_per_thread: int
-    def __init__(self, freeze_timeout_ms: _Optional[int] = ..., mode: _Optional[_Union[CaptureMode, str]] = ..., max_chunk_bytes: _Optional[int] = ..., stack_bytes_per_thread: _Optional[int] = ...) -> None: ...
+    snapshot: bool
+    def __init__(self, freeze_timeout_ms: _Optional[int] = ..., mode: _Optional[_Union[CaptureMode, str]] = ..., max_chunk_bytes: _Optional[int] = ..., stack_bytes_per_thread: _Optional[int] = ..., snapshot: _Optional[bool] = ...) -> None: ...
 
 class OpenCapture(_message.Message):
     __slots__ = ("pid", "start_time", "options")
@@ -113,7 +115,7 @@ class ByteRange(_message.Message):
     def __init__(self, offset: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
 
 class Segment(_message.Message):
-    __slots__ = ("file_offset", "vaddr", "file_size", "mem_size", "flags", "name", "file_page_offset", "shared", "stack")
+    __slots__ = ("file_offset", "vaddr", "file_size", "mem_size", "flags", "name", "file_page_offset", "shared", "stack", "read_after_thaw")
     FILE_OFFSET_FIELD_NUMBER: _ClassVar[int]
     VADDR_FIELD_NUMBER: _ClassVar[int]
     FILE_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -123,6 +125,7 @@ class Segment(_message.Message):
     FILE_PAGE_OFFSET_FIELD_NUMBER: _ClassVar[int]
     SHARED_FIELD_NUMBER: _ClassVar[int]
     STACK_FIELD_NUMBER: _ClassVar[int]
+    READ_AFTER_THAW_FIELD_NUMBER: _ClassVar[int]
     file_offset: int
     vaddr: int
     file_size: int
@@ -132,7 +135,8 @@ class Segment(_message.Message):
     file_page_offset: int
     shared: bool
     stack: bool
-    def __init__(self, file_offset: _Optional[int] = ..., vaddr: _Optional[int] = ..., file_size: _Optional[int] = ..., mem_size: _Optional[int] = ..., flags: _Optional[int] = ..., name: _Optional[str] = ..., file_page_offset: _Optional[int] = ..., shared: _Optional[bool] = ..., stack: _Optional[bool] = ...) -> None: ...
+    read_after_thaw: bool
+    def __init__(self, file_offset: _Optional[int] = ..., vaddr: _Optional[int] = ..., file_size: _Optional[int] = ..., mem_size: _Optional[int] = ..., flags: _Optional[int] = ..., name: _Optional[str] = ..., file_page_offset: _Optional[int] = ..., shared: _Optional[bool] = ..., stack: _Optional[bool] = ..., read_after_thaw: _Optional[bool] = ...) -> None: ...
 
 class ThreadInfo(_message.Message):
     __slots__ = ("tid", "frozen", "pc", "sp", "comm", "state")
@@ -151,7 +155,7 @@ class ThreadInfo(_message.Message):
     def __init__(self, tid: _Optional[int] = ..., frozen: _Optional[bool] = ..., pc: _Optional[int] = ..., sp: _Optional[int] = ..., comm: _Optional[str] = ..., state: _Optional[str] = ...) -> None: ...
 
 class CoreLayout(_message.Message):
-    __slots__ = ("session_id", "total_size", "headers", "notes", "segments", "threads", "elf_class", "arch", "pid", "start_time", "comm", "exe", "section_headers", "freeze_micros", "max_chunk_bytes", "mode", "readable")
+    __slots__ = ("session_id", "total_size", "headers", "notes", "segments", "threads", "elf_class", "arch", "pid", "start_time", "comm", "exe", "section_headers", "freeze_micros", "max_chunk_bytes", "mode", "readable", "snapshot", "snapshot_status")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TOTAL_SIZE_FIELD_NUMBER: _ClassVar[int]
     HEADERS_FIELD_NUMBER: _ClassVar[int]
@@ -169,6 +173,8 @@ class CoreLayout(_message.Message):
     MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     READABLE_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_STATUS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     total_size: int
     headers: ByteRange
@@ -186,7 +192,9 @@ class CoreLayout(_message.Message):
     max_chunk_bytes: int
     mode: CaptureMode
     readable: _containers.RepeatedCompositeFieldContainer[ByteRange]
-    def __init__(self, session_id: _Optional[str] = ..., total_size: _Optional[int] = ..., headers: _Optional[_Union[ByteRange, _Mapping]] = ..., notes: _Optional[_Union[ByteRange, _Mapping]] = ..., segments: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ..., threads: _Optional[_Iterable[_Union[ThreadInfo, _Mapping]]] = ..., elf_class: _Optional[int] = ..., arch: _Optional[str] = ..., pid: _Optional[int] = ..., start_time: _Optional[int] = ..., comm: _Optional[str] = ..., exe: _Optional[str] = ..., section_headers: _Optional[_Union[ByteRange, _Mapping]] = ..., freeze_micros: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., mode: _Optional[_Union[CaptureMode, str]] = ..., readable: _Optional[_Iterable[_Union[ByteRange, _Mapping]]] = ...) -> None: ...
+    snapshot: bool
+    snapshot_status: str
+    def __init__(self, session_id: _Optional[str] = ..., total_size: _Optional[int] = ..., headers: _Optional[_Union[ByteRange, _Mapping]] = ..., notes: _Optional[_Union[ByteRange, _Mapping]] = ..., segments: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ..., threads: _Optional[_Iterable[_Union[ThreadInfo, _Mapping]]] = ..., elf_class: _Optional[int] = ..., arch: _Optional[str] = ..., pid: _Optional[int] = ..., start_time: _Optional[int] = ..., comm: _Optional[str] = ..., exe: _Optional[str] = ..., section_headers: _Optional[_Union[ByteRange, _Mapping]] = ..., freeze_micros: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., mode: _Optional[_Union[CaptureMode, str]] = ..., readable: _Optional[_Iterable[_Union[ByteRange, _Mapping]]] = ..., snapshot: _Optional[bool] = ..., snapshot_status: _Optional[str] = ...) -> None: ...
 
 class CoreChunk(_message.Message):
     __slots__ = ("offset", "data", "hole_length", "request_id", "last")
