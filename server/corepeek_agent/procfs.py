@@ -127,6 +127,19 @@ def exe_elf_class(pid: int) -> int:
     return {1: 32, 2: 64}.get(ident[4], 0)
 
 
+def exe_elf_ident(pid: int) -> tuple[int, int]:
+    """(32 or 64, e_machine) from the executable's ELF header; (0, 0) if unreadable."""
+    try:
+        with open(f"/proc/{pid}/exe", "rb") as f:
+            ident = f.read(20)
+    except OSError:
+        return 0, 0
+    if len(ident) < 20 or ident[:4] != b"\x7fELF" or ident[4] not in (1, 2):
+        return 0, 0
+    byteorder = "big" if ident[5] == 2 else "little"
+    return {1: 32, 2: 64}[ident[4]], int.from_bytes(ident[18:20], byteorder)
+
+
 def cgroup(pid: int) -> str:
     try:
         text = _read(f"/proc/{pid}/cgroup").decode(errors="replace")

@@ -41,9 +41,8 @@ def prstatus(arch: ArchSpec, proc: ProcessState, thread: ThreadState,
     w = arch.word_format
     # pr_sigpend/pr_sighold are (compat_)ulong: a compat core keeps sig[0]'s
     # low 32 bits (signals 1-32), as the kernel's assignment truncates it.
-    word_mask = (1 << (8 * arch.word_size)) - 1
     head = struct.pack(f"<iiih2x{w}{w}iiii", cursig, 0, 0, cursig,
-                       thread.sigpend & word_mask, thread.sighold & word_mask,
+                       thread.sigpend & arch.word_mask, thread.sighold & arch.word_mask,
                        thread.tid, proc.ppid, proc.pgrp, proc.sid)
     utime, stime = ((proc.utime_us, proc.stime_us) if leader
                     else (thread.utime_us, thread.stime_us))
@@ -63,25 +62,109 @@ def _align(n: int, a: int) -> int:
 _STATE_CODES = {"R": 0, "S": 1, "D": 2, "T": 3, "t": 3, "Z": 4, "X": 5}
 
 
+OVERFLOW_UID = OVERFLOW_GID = 65534   # /proc/sys/kernel/overflow{u,g}id defaults
+
+
+def _old_id(value: int, size: int, overflow: int) -> int:
+    """SET_UID/SET_GID (include/linux/highuid.h): an id that does not fit a
+    16-bit field becomes the overflow id (high2lowuid), it is not truncated."""
+    if size >= 4:
+        return value & 0xFFFFFFFF
+    return value if value <= 0xFFFF else overflow
+
+
 def prpsinfo(arch: ArchSpec, proc: ProcessState) -> bytes:
     """``struct elf_prpsinfo``; state encoded as the kernel's fill_psinfo does."""
     code = _STATE_CODES.get(proc.state, 1)
     sname = proc.state.encode()[:1] or b"S"
     uid_fmt = "H" if arch.uid_size == 2 else "I"
-    mask = (1 << (8 * arch.uid_size)) - 1
     pad = "4x" if arch.word_size == 8 else ""
     fmt = f"<bcbb{pad}{arch.word_format}{uid_fmt}{uid_fmt}iiii16s{PRARGSZ}s"
     psargs = proc.psargs[:PRARGSZ - 1]
     return struct.pack(fmt, code, sname, int(sname == b"Z"), max(-128, min(127, proc.nice)),
-                       proc.flags & ((1 << (8 * arch.word_size)) - 1),
-                       proc.uid & mask, proc.gid & mask,
+                       proc.flags & arch.word_mask,
+                       _old_id(proc.uid, arch.uid_size, OVERFLOW_UID),
+                       _old_id(proc.gid, arch.uid_size, OVERFLOW_GID),
                        proc.pid, proc.ppid, proc.pgrp, proc.sid,
                        proc.comm.encode(errors="replace")[:15], psargs)
 
 
-def siginfo(proc: ProcessState) -> bytes:
-    """NT_SIGINFO: the process's siginfo, or zeros for a live capture (no signal)."""
-    return proc.siginfo[:SIGINFO_SIZE].ljust(SIGINFO_SIZE, b"\0")
+def siginfo(proc: ProcessState, arch: ArchSpec | None = None) -> bytes:
+    """NT_SIGINFO: the process's siginfo, or zeros for a live capture (no signal).
+
+    ``proc.siginfo`` is a native (64-bit) ``siginfo_t`` as PTRACE_GETSIGINFO
+    hands it to the agent; a 32-bit target's note holds the compat layout the
+    kernel's compat writer produces (copy_siginfo_to_external32), so it is
+    converted.  All zeros (si_signo 0) is a valid siginfo in either layout.
+    """
+    raw = proc.siginfo[:SIGINFO_SIZE].ljust(SIGINFO_SIZE, b"\0")
+    if arch is not None and arch.word_size == 4 and any(raw):
+        return siginfo_to_compat(raw)
+    return raw
+
+
+# siginfo layouts (kernel/signal.c siginfo_layout()) as the fields each one
+# copies in copy_siginfo_to_external32(): (native offset, compat offset, kind)
+# with kind "i" a 32-bit field, "h" a 16-bit one, "w" a long/pointer that
+# shrinks from 64 to 32 bits.  Native = x86_64/LP64 siginfo_t (union at 16),
+# compat = compat_siginfo_t (union at 12).
+_SIGINFO_FIELDS: dict[str, tuple[tuple[int, int, str], ...]] = {
+    "kill": ((16, 12, "i"), (20, 16, "i")),                                # pid uid
+    "timer": ((16, 12, "i"), (20, 16, "i"), (24, 20, "i")),                # tid overrun int
+    "rt": ((16, 12, "i"), (20, 16, "i"), (24, 20, "i")),                   # pid uid int
+    "chld": ((16, 12, "i"), (20, 16, "i"), (24, 20, "i"), (32, 24, "w"), (40, 28, "w")),
+    "poll": ((16, 12, "w"), (24, 16, "i")),                                # band fd
+    "sys": ((16, 12, "w"), (24, 16, "i"), (28, 20, "i")),                  # call_addr syscall arch
+    "fault": ((16, 12, "w"),),                                             # addr
+    "fault_mceerr": ((16, 12, "w"), (24, 16, "h")),                        # addr addr_lsb
+    "fault_bnderr": ((16, 12, "w"), (32, 20, "w"), (40, 24, "w")),         # addr lower upper
+    "fault_pkuerr": ((16, 12, "w"), (32, 20, "i")),                        # addr pkey
+    "fault_perf": ((16, 12, "w"), (24, 16, "w"), (32, 20, "i"), (36, 24, "i")),
+}
+_SIGILL, _SIGTRAP, _SIGBUS, _SIGFPE, _SIGSEGV = 4, 5, 7, 8, 11
+_SIGCHLD, _SIGPOLL, _SIGSYS = 17, 29, 31
+# (highest si_code, layout) for kernel-generated codes (NSIG* in uapi siginfo.h)
+_CODE_FILTER = {_SIGILL: (11, "fault"), _SIGFPE: (15, "fault"), _SIGSEGV: (10, "fault"),
+                _SIGBUS: (5, "fault"), _SIGTRAP: (6, "fault"), _SIGCHLD: (6, "chld"),
+                _SIGPOLL: (6, "poll"), _SIGSYS: (2, "sys")}
+_SI_KERNEL, _SI_TIMER, _SI_SIGIO, _NSIGPOLL = 0x80, -2, -5, 6
+
+
+def siginfo_layout(signo: int, code: int) -> str:
+    """Which union member a (signo, si_code) pair uses, as the kernel decides."""
+    if 0 < code < _SI_KERNEL:
+        limit, layout = _CODE_FILTER.get(signo, (0, ""))
+        if code <= limit:
+            if signo == _SIGBUS and code in (4, 5):          # BUS_MCEERR_AR/AO
+                return "fault_mceerr"
+            if signo == _SIGSEGV and code == 3:              # SEGV_BNDERR
+                return "fault_bnderr"
+            if signo == _SIGSEGV and code == 4:              # SEGV_PKUERR
+                return "fault_pkuerr"
+            if signo == _SIGTRAP and code == 6:              # TRAP_PERF
+                return "fault_perf"
+            return layout
+        return "poll" if code <= _NSIGPOLL else "kill"
+    if code == _SI_TIMER:
+        return "timer"
+    if code == _SI_SIGIO:
+        return "poll"
+    return "rt" if code < 0 else "kill"
+
+
+def siginfo_to_compat(native: bytes) -> bytes:
+    """A native LP64 ``siginfo_t`` in the 32-bit compat layout (128 bytes)."""
+    native = native[:SIGINFO_SIZE].ljust(SIGINFO_SIZE, b"\0")
+    signo, errno_, code = struct.unpack_from("<iii", native, 0)
+    out = bytearray(SIGINFO_SIZE)
+    struct.pack_into("<iii", out, 0, signo, errno_, code)
+    for src, dst, kind in _SIGINFO_FIELDS[siginfo_layout(signo, code)]:
+        if kind == "w":
+            struct.pack_into("<I", out, dst, struct.unpack_from("<Q", native, src)[0] & 0xFFFFFFFF)
+        else:
+            n = 2 if kind == "h" else 4
+            out[dst:dst + n] = native[src:src + n]
+    return bytes(out)
 
 
 def trim_auxv(arch: ArchSpec, raw: bytes) -> bytes:
@@ -102,9 +185,10 @@ def trim_auxv(arch: ArchSpec, raw: bytes) -> bytes:
 def nt_file(arch: ArchSpec, mappings: Iterable[DumpedMapping]) -> bytes:
     """NT_FILE: count, page size, (start, end, page offset) triples, then names."""
     files = [d.mapping for d in mappings if d.mapping.file_backed]
-    w = arch.word_format
+    w, mask = arch.word_format, arch.word_mask     # user_long_t: 32-bit words for compat
     out = [struct.pack(f"<{w}{w}", len(files), PAGE_SIZE)]
-    out += [struct.pack(f"<{w}{w}{w}", m.start, m.end, m.offset // PAGE_SIZE) for m in files]
+    out += [struct.pack(f"<{w}{w}{w}", m.start & mask, m.end & mask, m.offset // PAGE_SIZE & mask)
+            for m in files]
     out += [m.path.encode(errors="surrogateescape") + b"\0" for m in files]
     return b"".join(out)
 
@@ -124,7 +208,7 @@ def build_notes(arch: ArchSpec, proc: ProcessState, threads: Sequence[ThreadStat
                                prstatus(arch, proc, thread, leader=thread.tid == proc.pid)))
         if index == 0:
             out.append(encode_note(NoteType.NT_PRPSINFO, prpsinfo(arch, proc)))
-            out.append(encode_note(NoteType.NT_SIGINFO, siginfo(proc)))
+            out.append(encode_note(NoteType.NT_SIGINFO, siginfo(proc, arch)))
             out.append(encode_note(NoteType.NT_AUXV, trim_auxv(arch, proc.auxv)))
             out.append(encode_note(NoteType.NT_FILE, nt_file(arch, mappings)))
         if thread.frozen:
