@@ -1,0 +1,89 @@
+"""Real corepeek agents as subprocesses, for tests that talk to them over gRPC."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class AgentProcess:
+    """A running ``corepeek agent`` and the address clients use."""
+
+    proc: subprocess.Popen[bytes]
+    address: str
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def wait_healthy(address: str, proc: subprocess.Popen[bytes], log_path: Path,
+                 timeout: float = 20.0,
+                 credentials: grpc.ChannelCredentials | None = None,
+                 options: tuple[tuple[str, object], ...] = ()) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"agent exited ({proc.returncode}):\n{log_path.read_text()}")
+        try:
+            with (grpc.secure_channel(address, credentials, options=options)
+                  if credentials is not None else grpc.insecure_channel(address)) as ch:
+                resp = health_pb2_grpc.HealthStub(ch).Check(
+                    health_pb2.HealthCheckRequest(service=""), timeout=1)
+                if resp.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+        except grpc.RpcError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"agent at {address} not healthy after {timeout}s:\n{log_path.read_text()}")
+
+
+def start_agent(tmp: Path, *extra: str, listen: str | None = None,
+                env: dict[str, str] | None = None,
+                credentials: grpc.ChannelCredentials | None = None,
+                channel_options: tuple[tuple[str, object], ...] = ()) -> AgentProcess:
+    """Start ``python -m corepeek agent`` and wait until its health check serves.
+
+    ``credentials`` (and ``channel_options``) are for the health check of a
+    TLS agent: a client certificate the agent's CA signed.
+    """
+    sock = tmp / "agent.sock"
+    listen = listen or f"unix:{sock}"
+    log_path = tmp / f"agent-{time.monotonic_ns()}.log"
+    logf = open(log_path, "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "corepeek", "-v", "agent", "--listen", listen, *extra],
+        stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        env={**os.environ, **(env or {})})
+    logf.close()
+    address = listen if listen.startswith("unix:") else listen
+    try:
+        wait_healthy(address, proc, log_path, credentials=credentials, options=channel_options)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    return AgentProcess(proc, address, log_path)
+
+
+def stop_agent(agent: AgentProcess) -> None:
+    if agent.proc.poll() is None:
+        agent.proc.terminate()
+        try:
+            agent.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            agent.proc.kill()
+            agent.proc.wait()
+
+
