@@ -35,7 +35,9 @@ def _agent(args: argparse.Namespace) -> int:
           socket_mode=int(args.socket_mode, 8), socket_group=args.socket_group,
           tls=TLSFiles.from_args(args.tls_cert, args.tls_key, args.tls_ca),
           policy_path=args.policy, audit_log=args.audit_log,
-          sessions_per_minute=args.sessions_per_minute)
+          sessions_per_minute=args.sessions_per_minute,
+          metrics_address=args.metrics_address, health_address=args.health_address,
+          log_format=args.log_format)
     return EXIT_OK
 
 
@@ -83,8 +85,13 @@ def _dump(args: argparse.Namespace) -> int:
     with open_capture(args.agent, args.pid, tls=_tls(args), start_time=args.start_time,
                       mode=args.only,
                       freeze_timeout_ms=args.freeze_timeout_ms,
-                      stack_bytes=args.stack_bytes) as core:
+                      stack_bytes=args.stack_bytes, snapshot=args.snapshot) as core:
         lay = core.layout
+        if args.snapshot and not args.quiet:
+            print(f"snapshot: target thawed after the clone, memory served from it "
+                  f"({sum(1 for s in lay.segments if s.read_after_thaw)} segments read "
+                  "after the thaw)" if lay.snapshot else
+                  f"warning: {lay.snapshot_status or 'snapshot not taken'}", file=sys.stderr)
         unfrozen = [t.tid for t in lay.threads if not t.frozen]
         bar = _progress_bar(lay.total_size if args.only == "full" else 0,
                             sys.stderr.isatty() and not args.quiet)
@@ -103,7 +110,8 @@ def _dump(args: argparse.Namespace) -> int:
         print(f"wrote {out}: {lay.total_size if args.only == 'full' else out.stat().st_size} "
               f"bytes core of pid {lay.pid} ({lay.comm}, {lay.arch}, {len(lay.threads)} threads), "
               f"{stats.data_bytes} bytes transferred, {stats.hole_bytes} bytes of holes, "
-              f"frozen for {elapsed:.3f} s", file=sys.stderr)
+              + (f"snapshot served for {elapsed:.3f} s" if lay.snapshot
+                 else f"frozen for {elapsed:.3f} s"), file=sys.stderr)
         if unfrozen:
             print(f"warning: threads {unfrozen} did not stop in time; their registers are "
                   "zero in the core", file=sys.stderr)
@@ -151,6 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds after which a session is ended and its target thawed")
     a.add_argument("--thread-timeout-ms", type=int, default=500,
                    help="default wait for each thread to stop")
+    a.add_argument("--metrics-address", metavar="HOST:PORT",
+                   help="serve Prometheus metrics on http://HOST:PORT/metrics (docs/fleet.md)")
+    a.add_argument("--health-address", metavar="HOST:PORT",
+                   help="plaintext gRPC health service only, for kubelet grpc probes")
+    a.add_argument("--log-format", choices=("text", "json"), default="text",
+                   help="agent log lines as text (default) or one JSON object per line")
     a.set_defaults(func=_agent)
 
     def agent_arg(sp: argparse.ArgumentParser) -> None:
@@ -183,13 +197,125 @@ def build_parser() -> argparse.ArgumentParser:
                    help="notes: threads, registers, mappings; stacks: notes + thread stacks")
     d.add_argument("--stack-bytes", type=int, default=0,
                    help="cap on stack bytes per thread for --only stacks (default 8 MiB)")
+    d.add_argument("--snapshot", action="store_true",
+                   help="freeze the target only while a copy-on-write clone of it is made, "
+                   "then read memory from the clone (falls back to a live capture)")
     d.set_defaults(func=_dump)
 
     n = sub.add_parser("notes", help="summarise threads, registers and mappings")
     capture_args(n)
     n.add_argument("--json", action="store_true")
     n.set_defaults(func=_notes)
+
+    _add_collect_parser(sub)
     return p
+
+
+# -- collect (docs/fleet.md) ------------------------------------------------------------
+
+def _collect(args: argparse.Namespace) -> int:
+    from .collect import (CollectConfig, Endpoint, Progress, Selection,
+                          collect, discover_kubernetes, parse_agent_list, read_agents_file)
+
+    if args.kubernetes:
+        endpoints = discover_kubernetes(args.namespace, args.selector, port=args.port)
+        if not endpoints:
+            raise CaptureError(f"no agent pods in namespace {args.namespace!r} match "
+                               f"{args.selector!r}")
+    else:
+        if args.agents_file:
+            try:
+                text = Path(args.agents_file).read_text()
+            except OSError as exc:
+                raise CaptureError(f"cannot read {args.agents_file}: {exc.strerror}") from None
+            addresses = read_agents_file(text)
+        else:
+            addresses = parse_agent_list(args.agents)
+        if not addresses:
+            raise CaptureError("no agent addresses given")
+        endpoints = [Endpoint(a) for a in addresses]
+    selection = Selection(comm=args.comm or "", exe_glob=args.exe or "", pid=args.pid or 0)
+    if selection.empty and not args.all:
+        print("corepeek: give --comm, --exe or --pid (or --all to capture every process "
+              "the agents list)", file=sys.stderr)
+        return EXIT_USAGE
+    show = sys.stderr.isatty() and not args.quiet and not args.no_progress
+    cfg = CollectConfig(endpoints=endpoints, selection=selection, mode=args.only,
+                        out=args.out or "", compress=args.compress,
+                        compress_level=args.compress_level, concurrency=args.concurrency,
+                        per_host=args.per_host, retries=args.retries,
+                        list_timeout=args.timeout, freeze_timeout_ms=args.freeze_timeout_ms,
+                        stack_bytes=args.stack_bytes, tls=_tls(args),
+                        s3_endpoint_url=args.s3_endpoint_url)
+    result = collect(cfg, progress=Progress(show))
+    summary = result.manifest["summary"]
+    if args.json:
+        print(json.dumps(result.manifest, indent=2))
+    if not args.quiet:
+        print(f"collected {summary['ok']} of {summary['captures']} capture(s) from "
+              f"{summary['agents'] - summary['agents_unreachable']} of {summary['agents']} "
+              f"agent(s): {summary['bytes']} bytes in {result.manifest['seconds']:.2f} s; "
+              f"manifest {result.manifest_path}", file=sys.stderr)
+        for c in result.manifest["captures"]:
+            if c["status"] != "ok":
+                what = f"pid {c['pid']} ({c['comm']})" if c["pid"] is not None else "agent"
+                print(f"error: {c['host'] or c['agent']}: {what}: {c['error']}", file=sys.stderr)
+    return EXIT_OK if result.ok else EXIT_ERROR
+
+
+def _add_collect_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    from .collect import DEFAULT_K8S_NAMESPACE, DEFAULT_K8S_SELECTOR
+
+    c = sub.add_parser(
+        "collect", help="capture matching processes on many agents (a fleet)",
+        description="List matching processes on every agent, capture them concurrently "
+        "and write one file per capture plus manifest.json (docs/fleet.md). Exit status 1 "
+        "if any agent or capture failed (the manifest says which).")
+    src = c.add_mutually_exclusive_group(required=True)
+    src.add_argument("--agents", action="append", metavar="ADDR[,ADDR...]",
+                     help="agent addresses (HOST:PORT or unix:PATH); repeatable")
+    src.add_argument("--agents-file", metavar="FILE",
+                     help="file of agent addresses, one per line (# comments)")
+    src.add_argument("--kubernetes", action="store_true",
+                     help="the pods of the agent DaemonSet, through the Kubernetes API "
+                     "(in-cluster service account, else kubeconfig)")
+    c.add_argument("--namespace", default=DEFAULT_K8S_NAMESPACE,
+                   help=f"with --kubernetes (default {DEFAULT_K8S_NAMESPACE})")
+    c.add_argument("--selector", default=DEFAULT_K8S_SELECTOR,
+                   help=f"label selector of the agent pods (default {DEFAULT_K8S_SELECTOR})")
+    c.add_argument("--port", type=int, default=None,
+                   help="agent port with --kubernetes (default: the pod's port named grpc)")
+    c.add_argument("--comm", help="exact /proc/PID/comm")
+    c.add_argument("--exe", help="glob on the executable path")
+    c.add_argument("--pid", type=int, help="this pid on every agent")
+    c.add_argument("--all", action="store_true",
+                   help="no filter: every process each agent lists (its policy decides)")
+    c.add_argument("--only", choices=("full", "stacks", "notes"), default="full",
+                   help="what to capture (default full)")
+    c.add_argument("--out", help="directory (default ./corepeek-collect-UTCTIME) or "
+                   "s3://bucket/prefix")
+    c.add_argument("--compress", action="store_true", help="zstd-compress each core (.zst)")
+    c.add_argument("--compress-level", type=int, default=3)
+    c.add_argument("--s3-endpoint-url", help="S3-compatible endpoint (default: AWS, or "
+                   "AWS_ENDPOINT_URL)")
+    c.add_argument("--concurrency", type=int, default=8, help="captures at once (default 8)")
+    c.add_argument("--per-host", type=int, default=2,
+                   help="captures at once on one agent (default 2)")
+    c.add_argument("--retries", type=int, default=3,
+                   help="retries of UNAVAILABLE (and ABORTED) with backoff (default 3)")
+    c.add_argument("--timeout", type=float, default=30.0, help="listing deadline, seconds")
+    c.add_argument("--freeze-timeout-ms", type=int, default=0,
+                   help="wait per thread before giving up on it (agent default 500)")
+    c.add_argument("--stack-bytes", type=int, default=0,
+                   help="cap on stack bytes per thread for --only stacks")
+    c.add_argument("--tls-ca", help="CA the agents' certificates chain to (PEM)")
+    c.add_argument("--tls-cert", help="this client's certificate (PEM)")
+    c.add_argument("--tls-key", help="this client's private key (PEM)")
+    c.add_argument("--tls-server-name", help="name expected in the agents' certificates "
+                   "(for pod IPs not in the certificate)")
+    c.add_argument("--json", action="store_true", help="also print the manifest on stdout")
+    c.add_argument("--no-progress", action="store_true")
+    c.set_defaults(func=_collect)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -210,7 +336,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as exc:  # noqa: BLE001 - one line for the operator, not a traceback
         if type(exc).__module__.startswith("corepeek_agent"):
-            print(f"corepeek: {exc}", file=sys.stderr)
+            details = exc.details() if hasattr(exc, "details") else str(exc)
+            print(f"corepeek: {details}", file=sys.stderr)
             return EXIT_ERROR
         raise
 

@@ -11,19 +11,21 @@ half-closes the stream, which thaws the target.
 from __future__ import annotations
 
 import bisect
+import collections
 import io
 import itertools
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import grpc
+from google.protobuf.message import DecodeError
 
-from .channel import open_channel
+from .channel import TLSOptions, open_channel
 from .errors import CaptureError
 from .v1 import capture_pb2 as pb
-from .v1 import capture_pb2_grpc as pb_grpc
 
 MODES = {"full": pb.CAPTURE_MODE_FULL, "stacks": pb.CAPTURE_MODE_STACKS,
          "notes": pb.CAPTURE_MODE_NOTES}
@@ -34,7 +36,7 @@ class Piece:
     """Part of a read answer: ``data``, or ``hole`` zero bytes when data is None."""
 
     offset: int
-    data: bytes | None
+    data: bytes | memoryview | None     # memoryview from read_ranges(views=True)
     hole: int = 0
 
     @property
@@ -67,12 +69,126 @@ class TransferStats:
         self.fetched = merged
 
 
+_CAPTURE_METHOD = "/corepeek.v1.CoreCaptureService/Capture"
+
+
+def _varint(buf: bytes, i: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        b = buf[i]
+        i += 1
+        value |= (b & 0x7F) << shift
+        if b < 0x80:
+            return value, i
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint too long")
+
+
+class ChunkFields(NamedTuple):
+    """A chunk response's fields; its data is ``raw[data_start:data_end]``."""
+
+    request_id: int
+    offset: int
+    data_start: int
+    data_end: int
+    hole: int
+    last: bool
+    extents: tuple[int, ...]          # flat (start, length) pairs of a packed chunk
+
+
+def parse_chunk(raw: bytes) -> ChunkFields | None:
+    """Fields of an encoded ``CaptureResponse{chunk}`` without copying its data.
+
+    None if ``raw`` holds anything else (another response, or fields this
+    parser does not know): decode it with protobuf then.
+    """
+    if not raw or raw[0] != 0x12:                  # CaptureResponse.chunk
+        return None
+    try:
+        n, i = _varint(raw, 1)
+        if i + n != len(raw):
+            return None
+        rid = offset = hole = start = end = 0
+        last = False
+        extents: list[int] = []
+        while i < len(raw):
+            tag = raw[i]
+            i += 1
+            if tag == 0x12:                        # data
+                n, i = _varint(raw, i)
+                start, end, i = i, i + n, i + n
+            elif tag == 0x32:                      # extents, packed
+                n, i = _varint(raw, i)
+                stop = i + n
+                while i < stop:
+                    value, i = _varint(raw, i)
+                    extents.append(value)
+            elif tag in (0x08, 0x18, 0x20, 0x28, 0x30):  # offset, hole, request_id, last, extent
+                value, i = _varint(raw, i)
+                if tag == 0x08:
+                    offset = value
+                elif tag == 0x18:
+                    hole = value
+                elif tag == 0x20:
+                    rid = value
+                elif tag == 0x28:
+                    last = bool(value)
+                else:
+                    extents.append(value)
+            else:
+                return None
+        if i != len(raw) or end > len(raw) or len(extents) % 2:
+            return None
+    except (IndexError, ValueError):
+        return None
+    return ChunkFields(rid, offset, start, end, hole, last, tuple(extents))
+
+
+def _decode_response(raw: bytes) -> pb.CaptureResponse:
+    try:
+        return pb.CaptureResponse.FromString(raw)
+    except DecodeError:
+        raise CaptureError("protocol error: the agent sent an undecodable message") from None
+
+
+def _chunk_pieces(raw: bytes, views: bool) -> tuple[int, bool, list[Piece]]:
+    """(request_id, last, pieces) of a chunk response; a packed chunk becomes
+    its data extents and the holes between them."""
+    fields = parse_chunk(raw)
+    if fields is None:
+        resp = _decode_response(raw)
+        if resp.WhichOneof("response") != "chunk":
+            raise CaptureError("protocol error: expected a chunk")
+        c = resp.chunk
+        raw = c.data
+        fields = ChunkFields(c.request_id, c.offset, 0, len(raw), c.hole_length, c.last,
+                             tuple(c.extents))
+    rid, offset, start, end, hole, last, extents = fields
+    buf: bytes | memoryview = memoryview(raw) if views else raw
+    if not extents:
+        if end > start:
+            return rid, last, [Piece(offset, buf[start:end])]
+        return rid, last, [Piece(offset, None, hole)] if hole else []
+    pieces: list[Piece] = []
+    pos = data = 0
+    for i in range(0, len(extents), 2):
+        at, n = extents[i], extents[i + 1]
+        if at < pos or start + data + n > end:
+            raise CaptureError("protocol error: malformed packed chunk")
+        if at > pos:
+            pieces.append(Piece(offset + pos, None, at - pos))
+        pieces.append(Piece(offset + at, buf[start + data:start + data + n]))
+        pos, data = at + n, data + n
+    return rid, last, pieces
+
+
 class RemoteCore:
     """An open capture: the target stays frozen until :meth:`close`."""
 
     def __init__(self, channel: grpc.Channel, pid: int, *, start_time: int = 0,
                  mode: str = "full", freeze_timeout_ms: int = 0, chunk_bytes: int = 0,
-                 stack_bytes: int = 0, own_channel: bool = False,
+                 stack_bytes: int = 0, snapshot: bool = False, own_channel: bool = False,
                  metadata: tuple[tuple[str, str], ...] = ()) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {sorted(MODES)}")
@@ -84,13 +200,19 @@ class RemoteCore:
         self.stats = TransferStats()
         self._closed = False
         opts = pb.CaptureOptions(mode=MODES[mode], freeze_timeout_ms=freeze_timeout_ms,
-                                 max_chunk_bytes=chunk_bytes, stack_bytes_per_thread=stack_bytes)
+                                 max_chunk_bytes=chunk_bytes, stack_bytes_per_thread=stack_bytes,
+                                 snapshot=snapshot, packed_chunks=True)
         self._requests.put(pb.CaptureRequest(open=pb.OpenCapture(
             pid=pid, start_time=start_time, options=opts)))
-        stub = pb_grpc.CoreCaptureServiceStub(channel)
-        self._call = stub.Capture(iter(self._requests.get, None), metadata=metadata)
+        # Responses arrive undecoded: chunks are parsed by parse_chunk (their
+        # data is not copied by protobuf), the layout by protobuf.
+        capture = channel.stream_stream(_CAPTURE_METHOD,
+                                        request_serializer=pb.CaptureRequest.SerializeToString,
+                                        response_deserializer=None, _registered_method=True)
+        self._stale: set[int] = set()   # requests whose remaining chunks nobody reads
+        self._call = capture(iter(self._requests.get, None), metadata=metadata)
         try:
-            first = next(self._call)
+            first = _decode_response(next(self._call))
         except grpc.RpcError as exc:
             self._shutdown()
             raise CaptureError.from_rpc(exc, f"cannot capture pid {pid}") from None
@@ -109,35 +231,70 @@ class RemoteCore:
     def size(self) -> int:
         return int(self.layout.total_size)
 
-    def read_range(self, offset: int, length: int) -> Iterator[Piece]:
+    def read_range(self, offset: int, length: int, *, views: bool = False) -> Iterator[Piece]:
         """Stream the answer to one (offset, length) request, in order."""
+        return self.read_ranges([(offset, length)], views=views)
+
+    def read_ranges(self, ranges: Iterable[tuple[int, int]], *, ahead: int = 1,
+                    views: bool = False) -> Iterator[Piece]:
+        """Stream the answers to several (offset, length) requests, in order.
+
+        Up to ``1 + ahead`` requests are outstanding, so the agent has the next
+        one before it finishes the current one (no round trip between them).
+        With ``views`` the pieces' data are memoryviews of the received
+        messages instead of copies.  A reader that stops early leaves its
+        outstanding requests to be skipped by the next read.
+        """
         with self._lock:
             if self._closed:
                 raise CaptureError("the capture is closed")
-            rid = next(self._ids)
-            self.stats.requests += 1
-            self._requests.put(pb.CaptureRequest(read=pb.ReadRange(
-                offset=offset, length=length, request_id=rid)))
+            todo = iter(ranges)
+            pending: collections.deque[tuple[int, int, int]] = collections.deque()
+
+            def send_next() -> None:
+                r = next(todo, None)
+                if r is None:
+                    return
+                rid = next(self._ids)
+                self.stats.requests += 1
+                self._requests.put(pb.CaptureRequest(read=pb.ReadRange(
+                    offset=r[0], length=r[1], request_id=rid)))
+                pending.append((rid, r[0], r[1]))
+
+            for _ in range(1 + max(0, ahead)):
+                send_next()
             try:
-                for resp in self._call:
-                    chunk = resp.chunk
+                while pending:
+                    rid, offset, length = pending[0]
+                    try:
+                        raw = next(self._call)
+                    except StopIteration:
+                        raise CaptureError("the agent ended the capture stream unexpectedly") from None
+                    except grpc.RpcError as exc:
+                        raise CaptureError.from_rpc(exc, f"read of [{offset}, +{length})") from None
                     self.stats.messages += 1
-                    if chunk.request_id != rid:
+                    got_rid, last, pieces = _chunk_pieces(raw, views)
+                    if got_rid != rid:
+                        if got_rid in self._stale:          # left over by an abandoned read
+                            if last:
+                                self._stale.discard(got_rid)
+                            continue
                         raise CaptureError(f"protocol error: chunk for request "
-                                           f"{chunk.request_id}, expected {rid}")
-                    if chunk.data:
-                        self.stats.data_bytes += len(chunk.data)
-                        self.stats.record(chunk.offset, len(chunk.data))
-                        yield Piece(chunk.offset, chunk.data)
-                    elif chunk.hole_length:
-                        self.stats.hole_bytes += chunk.hole_length
-                        self.stats.record(chunk.offset, chunk.hole_length)
-                        yield Piece(chunk.offset, None, chunk.hole_length)
-                    if chunk.last:
-                        return
-            except grpc.RpcError as exc:
-                raise CaptureError.from_rpc(exc, f"read of [{offset}, +{length})") from None
-            raise CaptureError("the agent ended the capture stream unexpectedly")
+                                           f"{got_rid}, expected {rid}")
+                    for piece in pieces:
+                        if piece.data is not None:
+                            self.stats.data_bytes += len(piece.data)
+                        else:
+                            self.stats.hole_bytes += piece.hole
+                    if pieces:
+                        self.stats.record(pieces[0].offset,
+                                          pieces[-1].offset + pieces[-1].length - pieces[0].offset)
+                    yield from pieces
+                    if last:
+                        pending.popleft()
+                        send_next()
+            finally:
+                self._stale.update(rid for rid, _, _ in pending)
 
     def read_bytes(self, offset: int, length: int) -> bytes:
         """Read a range into memory (holes become zeros); short at end of file."""
@@ -176,35 +333,57 @@ class RemoteCore:
         self.close()
 
 
-def open_capture(agent: str | grpc.Channel, pid: int, **kwargs: object) -> RemoteCore:
-    """Open a capture of ``pid`` on ``agent`` (an address or an open channel)."""
+def open_capture(agent: str | grpc.Channel, pid: int, *, tls: TLSOptions | None = None,
+                 **kwargs: object) -> RemoteCore:
+    """Open a capture of ``pid`` on ``agent`` (an address or an open channel).
+
+    ``tls`` (client certificate, key, CA) is needed for a TCP agent; see
+    :mod:`corepeek.channel` for the environment variables that can supply it.
+    """
     if isinstance(agent, str):
-        return RemoteCore(open_channel(agent), pid, own_channel=True, **kwargs)  # type: ignore[arg-type]
+        return RemoteCore(open_channel(agent, tls), pid, own_channel=True, **kwargs)  # type: ignore[arg-type]
     return RemoteCore(agent, pid, **kwargs)  # type: ignore[arg-type]
 
 
 class RemoteCoreFile(io.RawIOBase):
     """Seekable read-only view of a remote core.
 
-    Reads are served from a cache of fetched windows.  A read inside the
-    header block or the notes fetches that whole region at once (parsers walk
-    notes in many small reads); elsewhere it fetches ``readahead``-byte aligned
-    windows clipped to the segment and to what the session may read.
+    ``ELFFile(core.file)`` parses a remote core while only the bytes it
+    touches cross the wire.  Reads are served from a cache of fetched,
+    non-overlapping windows; a miss fetches only the part of its window not
+    already cached.  A read inside the header block, the notes or the section
+    header fetches that whole region at once (parsers walk notes in many small
+    reads) and keeps it; elsewhere it fetches ``readahead``-byte aligned
+    windows clipped to the segment and to what the session may read, and
+    evicts the oldest of those beyond ``cache_bytes``.
+
+    In a NOTES or STACKS session a read that starts outside the session's
+    readable ranges raises :class:`CaptureError` (PERMISSION_DENIED) without a
+    round trip; one that runs past a readable range stops there (a short read).
     """
 
-    def __init__(self, core: RemoteCore, readahead: int = 256 * 1024) -> None:
+    def __init__(self, core: RemoteCore, readahead: int = 256 * 1024,
+                 cache_bytes: int = 64 * 1024 * 1024) -> None:
         super().__init__()
         self._core = core
         self._pos = 0
-        self.readahead = readahead
+        self.readahead = max(1, readahead)
+        self.cache_bytes = cache_bytes
         lay = core.layout
-        self._regions = sorted(
-            [(lay.headers.offset, lay.headers.length), (lay.notes.offset, lay.notes.length)])
-        self._readable = sorted((r.offset, r.length) for r in lay.readable)
-        self._seg_bounds = sorted((s.file_offset, s.file_size) for s in lay.segments
+        self._size = int(lay.total_size)
+        regions = [(lay.headers.offset, lay.headers.length), (lay.notes.offset, lay.notes.length),
+                   (lay.section_headers.offset, lay.section_headers.length)]
+        self._regions = sorted((int(o), int(n)) for o, n in regions if n > 0)
+        self._readable = _merged((int(r.offset), int(r.length)) for r in lay.readable)
+        self._restricted = lay.mode not in (pb.CAPTURE_MODE_FULL, pb.CAPTURE_MODE_UNSPECIFIED)
+        self._seg_bounds = sorted((int(s.file_offset), int(s.file_size)) for s in lay.segments
                                   if s.file_size)
-        self._windows: dict[int, bytes] = {}      # start -> bytes
-        self._starts: list[int] = []
+        self._starts: list[int] = []              # sorted window starts
+        self._windows: dict[int, bytes] = {}      # start -> bytes (non-overlapping)
+        self._pinned: set[int] = set()            # header/notes windows, never evicted
+        self._evictable_bytes = 0
+
+    # -- io.RawIOBase ------------------------------------------------------------
 
     def readable(self) -> bool:
         return True
@@ -216,7 +395,7 @@ class RemoteCoreFile(io.RawIOBase):
         return self._pos
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._core.size}[whence]
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
         pos = base + offset
         if pos < 0:
             raise ValueError("negative seek position")
@@ -225,19 +404,29 @@ class RemoteCoreFile(io.RawIOBase):
 
     def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
         view = memoryview(b).cast("B")
-        want = min(len(view), max(0, self._core.size - self._pos))
+        want = min(len(view), max(0, self._size - self._pos))
         done = 0
         while done < want:
-            chunk = self._cached(self._pos + done, want - done)
+            pos = self._pos + done
+            chunk = self._cached(pos, want - done)
             if chunk is None:
-                self._fetch(self._pos + done, want - done)
-                chunk = self._cached(self._pos + done, want - done)
+                if self._restricted and not _inside(self._readable, pos):
+                    if done:
+                        break                     # short read up to the boundary
+                    raise CaptureError(
+                        f"offset {pos} of the core is outside what this capture may read "
+                        f"({pb.CaptureMode.Name(self._core.layout.mode)})",
+                        grpc.StatusCode.PERMISSION_DENIED)
+                self._fill(*self._window(pos, want - done))
+                chunk = self._cached(pos, want - done)
                 if chunk is None:
                     break
             view[done:done + len(chunk)] = chunk
             done += len(chunk)
         self._pos += done
         return done
+
+    # -- cache -----------------------------------------------------------------------
 
     def _cached(self, pos: int, n: int) -> bytes | None:
         i = bisect.bisect_right(self._starts, pos) - 1
@@ -250,6 +439,7 @@ class RemoteCoreFile(io.RawIOBase):
         return data[pos - start:pos - start + n]
 
     def _window(self, pos: int, n: int) -> tuple[int, int]:
+        """The [lo, hi) to fetch for a miss at ``pos``."""
         for off, length in self._regions:
             if off <= pos < off + length:
                 return off, off + length
@@ -263,20 +453,64 @@ class RemoteCoreFile(io.RawIOBase):
             if off <= pos < off + length:
                 lo, hi = max(lo, off), min(hi, off + length)
                 break
-        return lo, min(hi, self._core.size)
+        return lo, min(hi, self._size)
 
-    def _fetch(self, pos: int, n: int) -> None:
-        lo, hi = self._window(pos, n)
-        data = self._core.read_bytes(lo, hi - lo)
+    def _fill(self, lo: int, hi: int) -> None:
+        """Fetch the parts of [lo, hi) not cached yet."""
+        pinned = any(off <= lo and hi <= off + n for off, n in self._regions)
+        pos = lo
+        i = bisect.bisect_right(self._starts, lo) - 1
+        if i >= 0:
+            pos = max(pos, self._starts[i] + len(self._windows[self._starts[i]]))
+        for start in self._starts[i + 1:] if i >= 0 else self._starts:
+            if start >= hi or pos >= hi:
+                break
+            if start > pos:
+                self._store(pos, self._core.read_bytes(pos, start - pos), pinned)
+            pos = max(pos, start + len(self._windows[start]))
+        if pos < hi:
+            self._store(pos, self._core.read_bytes(pos, hi - pos), pinned)
+        self._evict()
+
+    def _store(self, start: int, data: bytes, pinned: bool) -> None:
         if not data:
             return
-        i = bisect.bisect_left(self._starts, lo)
-        if i < len(self._starts) and self._starts[i] == lo:
-            self._windows[lo] = data if len(data) > len(self._windows[lo]) else self._windows[lo]
+        bisect.insort(self._starts, start)
+        self._windows[start] = data
+        if pinned:
+            self._pinned.add(start)
         else:
-            self._starts.insert(i, lo)
-            self._windows[lo] = data
+            self._evictable_bytes += len(data)
+
+    def _evict(self) -> None:
+        if self._evictable_bytes <= self.cache_bytes:
+            return
+        # dicts keep insertion order: the first unpinned windows are the oldest;
+        # the newest one stays, it answers the read in progress.
+        for start in [s for s in self._windows if s not in self._pinned][:-1]:
+            if self._evictable_bytes <= self.cache_bytes:
+                break
+            self._evictable_bytes -= len(self._windows.pop(start))
+            self._starts.remove(start)
+
+    # -- what crossed the wire -----------------------------------------------------
 
     def fetched_ranges(self) -> list[tuple[int, int]]:
-        """The (offset, length) ranges of the core fetched so far in this capture."""
+        """The merged (offset, length) ranges of the core fetched so far in this capture
+        (by this file object or any other reader of the same :class:`RemoteCore`)."""
         return list(self._core.stats.fetched)
+
+
+def _merged(ranges: Iterator[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for off, n in sorted(r for r in ranges if r[1] > 0):
+        if out and off <= out[-1][0] + out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], off + n - out[-1][0]))
+        else:
+            out.append((off, n))
+    return out
+
+
+def _inside(ranges: list[tuple[int, int]], pos: int) -> bool:
+    i = bisect.bisect_right(ranges, (pos, float("inf"))) - 1
+    return i >= 0 and ranges[i][0] <= pos < ranges[i][0] + ranges[i][1]

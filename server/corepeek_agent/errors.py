@@ -6,6 +6,8 @@ The mapping to gRPC happens in exactly one place (``service.py``) from the
 
 from __future__ import annotations
 
+import errno
+
 import grpc
 
 
@@ -60,3 +62,19 @@ class PtraceUnavailable(CorepeekError):
     code = grpc.StatusCode.FAILED_PRECONDITION
     help = ("the agent needs CAP_SYS_PTRACE (run as root or grant the capability) and "
             "ptrace must not be blocked by Yama ptrace_scope=3, seccomp or AppArmor")
+
+
+class AgentLacksPrivilege(CorepeekError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+    help = ("the agent itself was refused by the kernel: it needs CAP_SYS_PTRACE, "
+            "CAP_DAC_READ_SEARCH and CAP_CHECKPOINT_RESTORE (see docs/security.md)")
+
+
+def as_corepeek_error(exc: OSError) -> CorepeekError:
+    """Map an OSError that escaped /proc or ptrace code to a clear status."""
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return AgentLacksPrivilege(f"{exc.strerror}: {exc.filename or ''}".rstrip(": "))
+    if exc.errno == errno.ESRCH or isinstance(exc, (FileNotFoundError, ProcessLookupError)):
+        return ProcessGone(f"the target went away: {exc}")
+    err = CorepeekError(f"agent error: {exc}")
+    return err

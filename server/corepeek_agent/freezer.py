@@ -17,17 +17,29 @@ Semantics kept intact:
 * a thread that does not stop within the timeout (e.g. a vfork parent in D
   state) is reported unfrozen and gets zeroed registers (the seed RFC's rule);
   its pending interrupt is cancelled when the tracer thread exits.
+
+While it waits for the thaw, the tracer thread serves commands: other threads
+hand it work with :meth:`Freezer.run_on_tracer` (a queue and a Future), which
+is how snapshot mode (:mod:`.snapshot`) injects a ``clone()`` into the frozen
+target, detaches the target early (:meth:`Freezer.detach_target`) and keeps
+the clone traced until the session ends; its clean-up runs as an exit hook on
+the same thread.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
+import os
+import queue
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import grpc
 
 from . import procfs, ptrace_ops
 from .arch import ArchSpec
@@ -37,6 +49,14 @@ log = logging.getLogger(__name__)
 
 POLL_INTERVAL = 0.0002
 MAX_SCAN_ROUNDS = 1000
+
+T = TypeVar("T")
+
+
+class TracerGone(CorepeekError):
+    """A command was sent to a tracer thread that no longer serves any."""
+
+    code = grpc.StatusCode.ABORTED
 
 
 @dataclass
@@ -82,6 +102,15 @@ class Freezer:
         self._thread = threading.Thread(target=self._run, name=f"tracer-{pid}", daemon=True)
         self.thawed = threading.Event()
         self.expired = False
+        # Work other threads hand to the tracer thread (run_on_tracer); None wakes it.
+        self._commands: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]] | None] = (
+            queue.SimpleQueue())
+        self._commands_lock = threading.Lock()
+        self._serving = True
+        self._threads: dict[int, FrozenThread] = {}
+        self._exit_hooks: list[Callable[[], None]] = []
+        # When the target itself was let go: early (snapshot) or at the end.
+        self.target_detached_at = 0.0
 
     # -- public, any thread ---------------------------------------------------
 
@@ -90,14 +119,54 @@ class Freezer:
         return self._result.result()
 
     def thaw(self, wait: bool = True) -> None:
+        """Ask the tracer thread to detach and exit; with ``wait``, return only
+        once the OS thread is gone, so the kernel has released every tracee."""
         self._thaw_requested.set()
-        if wait and self._thread.is_alive() and threading.current_thread() is not self._thread:
+        self._commands.put(None)
+        if wait and self._thread.ident is not None and \
+                threading.current_thread() is not self._thread:
             self._thread.join()
+            _wait_os_thread_gone(self._thread.native_id)
+
+    def run_on_tracer(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on the tracer thread (where ptrace requests must come from)
+        while the target is frozen, and return its result or raise its exception.
+
+        Raises :class:`TracerGone` if the tracer thread no longer serves
+        commands (thawed, expired, or never started).
+        """
+        if threading.current_thread() is self._thread:
+            return fn()
+        fut: Future[T] = Future()
+        with self._commands_lock:
+            if not self._serving or not self._thread.is_alive() or self._thaw_requested.is_set():
+                raise TracerGone(f"pid {self.pid}: the tracer thread has ended")
+            self._commands.put((fn, fut))
+        return fut.result()
+
+    # -- tracer thread only ---------------------------------------------------------
+
+    @property
+    def frozen_threads(self) -> dict[int, FrozenThread]:
+        """The target's threads still attached (tracer thread only)."""
+        return self._threads
+
+    def add_exit_hook(self, hook: Callable[[], None]) -> None:
+        """Run ``hook`` on the tracer thread when it ends, after the target is
+        detached (hooks run newest first; exceptions are logged)."""
+        self._exit_hooks.append(hook)
+
+    def detach_target(self) -> None:
+        """Thaw the target now but keep the tracer thread (and any other tracee,
+        e.g. a snapshot clone) until :meth:`thaw` or the maximum freeze duration."""
+        self._detach_all(self._threads)
+        self._threads.clear()
+        self.target_detached_at = time.monotonic()
 
     # -- tracer thread ------------------------------------------------------------
 
     def _run(self) -> None:
-        threads: dict[int, FrozenThread] = {}
+        threads = self._threads
         try:
             try:
                 result = self._freeze(threads)
@@ -105,17 +174,60 @@ class Freezer:
                 self._result.set_exception(exc)
                 return
             self._result.set_result(result)
-            if not self._thaw_requested.wait(self._max_freeze):
+            if not self._serve(time.monotonic() + self._max_freeze):
                 self.expired = True
                 log.warning("pid %d: maximum freeze duration %.1fs reached, thawing",
                             self.pid, self._max_freeze)
                 if self._on_expire is not None:
                     self._on_expire()
         finally:
+            self._stop_serving()
             self._detach_all(threads)
+            threads.clear()
+            if not self.target_detached_at:
+                self.target_detached_at = time.monotonic()
+            for hook in reversed(self._exit_hooks):
+                try:
+                    hook()
+                except Exception:
+                    log.exception("pid %d: tracer exit hook failed", self.pid)
             self.thawed.set()
             # Returning ends this OS thread; the kernel then releases any
             # tracee that never stopped, cancelling its pending interrupt.
+
+    def _serve(self, deadline: float) -> bool:
+        """Run commands until thaw is requested (True) or the deadline passes (False)."""
+        while not self._thaw_requested.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            try:
+                item = self._commands.get(timeout=left)
+            except queue.Empty:
+                continue
+            if item is not None:
+                self._execute(*item)
+        return True
+
+    @staticmethod
+    def _execute(fn: Callable[[], Any], fut: Future[Any]) -> None:
+        if not fut.set_running_or_notify_cancel():
+            return
+        try:
+            fut.set_result(fn())
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            fut.set_exception(exc)
+
+    def _stop_serving(self) -> None:
+        with self._commands_lock:
+            self._serving = False
+        while True:
+            try:
+                item = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if item is not None and item[1].set_running_or_notify_cancel():
+                item[1].set_exception(TracerGone(f"pid {self.pid}: the tracer thread has ended"))
 
     def _freeze(self, threads: dict[int, FrozenThread]) -> FreezeResult:
         t0 = time.monotonic()
@@ -232,25 +344,36 @@ class Freezer:
                 data = ptrace_ops.getregset(t.tid, spec.note_type)
             except OSError:
                 continue                       # regset not active for this task
-            if spec.only_if_nonempty and not _tls_in_use(data):
-                continue
-            if data:
+            if spec.is_active(data):
                 t.regsets.append((spec.note_type, data))
 
     def _detach_all(self, threads: dict[int, FrozenThread]) -> None:
-        for t in threads.values():
-            if not t.stopped:
-                continue
+        """Detach every stopped tracee, handing back signals it was about to get.
+
+        Threads present now are tried too: a thread that called execve()
+        during the freeze took over the leader's tid, and ESRCH from a tid
+        that is not (or no longer) our stopped tracee is harmless.
+        """
+        try:
+            current = procfs.task_ids(self.pid)
+        except ProcessGone:
+            current = set()
+        for tid in sorted(current | {t.tid for t in threads.values() if t.stopped}):
+            t = threads.get(tid)
             try:
-                ptrace_ops.detach(t.tid, t.pending_signal)
+                ptrace_ops.detach(tid, t.pending_signal if t is not None else 0)
             except OSError as exc:
                 if exc.errno != errno.ESRCH:
-                    log.error("pid %d: detach of %d failed: %s", self.pid, t.tid, exc)
+                    log.error("pid %d: detach of %d failed: %s", self.pid, tid, exc)
 
 
-def _tls_in_use(data: bytes) -> bool:
-    """True if any ``struct user_desc`` has a base or limit (regset_tls_active)."""
-    return any(data[i + 4:i + 12] != bytes(8) for i in range(0, len(data) - 15, 16))
+def _wait_os_thread_gone(native_id: int | None, timeout: float = 1.0) -> None:
+    """Python's join() returns before the OS thread has fully exited."""
+    if native_id is None:
+        return
+    deadline = time.monotonic() + timeout
+    while os.path.exists(f"/proc/self/task/{native_id}") and time.monotonic() < deadline:
+        time.sleep(0.0005)
 
 
-__all__ = ["Freezer", "FreezeResult", "FrozenThread", "CorepeekError"]
+__all__ = ["Freezer", "FreezeResult", "FrozenThread", "CorepeekError", "TracerGone"]

@@ -16,7 +16,7 @@ import errno
 import fcntl
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from .errors import ProcessGone
 
@@ -32,6 +32,7 @@ _PAGE_IS_SWAPPED = 1 << 4
 _PAGE_IS_PFNZERO = 1 << 5
 _SCAN_ARG = struct.Struct("<12Q")   # struct pm_scan_arg
 _REGIONS = 512
+IOV_MAX = 1024                      # iovecs per process_vm_readv
 
 
 class _PageRegion(ctypes.Structure):
@@ -48,6 +49,29 @@ class _Iovec(ctypes.Structure):
 _libc.process_vm_readv.argtypes = [ctypes.c_int, ctypes.POINTER(_Iovec), ctypes.c_ulong,
                                    ctypes.POINTER(_Iovec), ctypes.c_ulong, ctypes.c_ulong]
 _libc.process_vm_readv.restype = ctypes.c_ssize_t
+
+# A fresh, uninitialised ``bytes`` object (CPython's PyBytes_FromStringAndSize
+# with a NULL source), filled in place before anything else sees it: the
+# cheapest way to hand target memory to gRPC, which wants ``bytes``.  Reading
+# into a bytearray and converting costs a zero-fill and a copy per chunk.
+_new_bytes = ctypes.pythonapi.PyBytes_FromStringAndSize
+_new_bytes.argtypes = [ctypes.c_void_p, ctypes.c_ssize_t]
+_new_bytes.restype = ctypes.py_object
+_BYTES_DATA = bytes.__basicsize__ - 1      # offsetof(PyBytesObject, ob_sval)
+_ZERO_PAGE = bytes(PAGE)
+
+
+def fresh_bytes(n: int) -> tuple[bytes, memoryview]:
+    """A new ``bytes`` of length n and a writable view of its storage.
+
+    The caller owns the only reference: it must fill the view, drop it, and
+    only then let the bytes escape (bytes are immutable to everyone else).
+    """
+    if n <= 0:
+        return b"", memoryview(bytearray())
+    b = _new_bytes(None, n)
+    view = memoryview((ctypes.c_char * n).from_address(id(b) + _BYTES_DATA)).cast("B")
+    return b, view
 
 
 class MemoryReader:
@@ -161,21 +185,94 @@ class MemoryReader:
             raise OSError(err, f"process_vm_readv({self.tid}): {os.strerror(err)}")
         return int(got)
 
+    def fill(self, vaddr: int, view: memoryview) -> list[tuple[int, int]]:
+        """Read [vaddr, vaddr+len(view)) into view; unreadable pages become zeros.
+
+        Returns the (offset, length) zero-filled gaps.
+        """
+        length = len(view)
+        gaps: list[tuple[int, int]] = []
+        pos = 0
+        while pos < length:
+            pos += self.read_into(vaddr + pos, view[pos:])
+            if pos >= length:
+                break
+            # Fault at vaddr+pos: zero the unreadable page, then continue.
+            page_end = min(length, (vaddr + pos) // PAGE * PAGE + PAGE - vaddr)
+            view[pos:page_end] = _ZERO_PAGE[:page_end - pos]
+            gaps.append((pos, page_end - pos))
+            pos = page_end
+        return gaps
+
     def read(self, vaddr: int, length: int) -> tuple[bytearray, list[tuple[int, int]]]:
         """Read [vaddr, vaddr+length); unreadable pages are zeros.
 
         Returns the data and the list of (offset, length) zero-filled gaps.
         """
         buf = bytearray(length)
-        gaps: list[tuple[int, int]] = []
-        pos = 0
-        while pos < length:
-            got = self.read_into(vaddr + pos, memoryview(buf)[pos:])
-            pos += got
-            if pos >= length:
-                break
-            # Fault at vaddr+pos: skip the unreadable page, then continue.
-            page_end = min(length, (vaddr + pos) // PAGE * PAGE + PAGE - vaddr)
-            gaps.append((pos, page_end - pos))
-            pos = page_end
+        gaps = self.fill(vaddr, memoryview(buf))
         return buf, gaps
+
+    def read_runs(self, runs: Sequence[tuple[int, int]], prefix: bytes = b"") -> bytes:
+        """``prefix`` followed by the (vaddr, length) runs' bytes, concatenated.
+
+        Up to IOV_MAX runs are read by one process_vm_readv (sparse memory:
+        thousands of lone pages cost a few system calls, not one each).
+        Unreadable pages are zeros.
+        """
+        head = len(prefix)
+        total = sum(n for _, n in runs)
+        out, view = fresh_bytes(head + total)
+        try:
+            view[:head] = prefix
+            pos, i = head, 0
+            vectored = type(self).read_into is MemoryReader.read_into  # subclasses route reads
+            while i < len(runs):
+                batch = runs[i:i + IOV_MAX] if vectored else ()
+                got = self._readv(view, pos, batch) if len(batch) > 1 else 0
+                # Runs read whole by the vectored call; the one it stopped in
+                # (a fault) and the rest go through fill().
+                for vaddr, n in runs[i:i + max(1, len(batch))]:
+                    if got >= n:
+                        got -= n
+                    else:
+                        self.fill(vaddr, view[pos:pos + n])
+                        got = 0
+                    pos += n
+                i += max(1, len(batch))
+        finally:
+            view.release()
+        return out
+
+    def _readv(self, view: memoryview, pos: int, runs: Sequence[tuple[int, int]]) -> int:
+        """One process_vm_readv of runs into view[pos:]; bytes read (0 on a fault)."""
+        count = len(runs)
+        total = sum(n for _, n in runs)
+        base = ctypes.addressof((ctypes.c_char * total).from_buffer(view[pos:pos + total]))
+        local = (_Iovec * 1)(_Iovec(base, total))
+        remote = (_Iovec * count)(*(_Iovec(v, n) for v, n in runs))
+        got = _libc.process_vm_readv(self.tid, local, 1, remote, count, 0)
+        if got < 0:
+            err = ctypes.get_errno()
+            if err in (errno.EFAULT, errno.EIO, errno.ENOMEM):
+                return 0
+            if err == errno.ESRCH:
+                raise ProcessGone(f"process of thread {self.tid} exited during the capture")
+            raise OSError(err, f"process_vm_readv({self.tid}): {os.strerror(err)}")
+        return int(got)
+
+    def read_bytes(self, vaddr: int, length: int, prefix: bytes = b"") -> bytes:
+        """``prefix`` followed by [vaddr, vaddr+length) as one new ``bytes``.
+
+        The memory is read straight into the result (no zero-fill, no copy);
+        unreadable pages are zeros.  ``prefix`` lets a caller put a message
+        header in front of the data without copying the data again.
+        """
+        head = len(prefix)
+        out, view = fresh_bytes(head + length)
+        try:
+            view[:head] = prefix
+            self.fill(vaddr, view[head:])
+        finally:
+            view.release()
+        return out

@@ -104,8 +104,9 @@ def cmdline(pid: int) -> list[str]:
     return [a.decode(errors="replace") for a in raw.split(b"\0")[:-1]] if raw else []
 
 
-def cmdline_bytes(pid: int) -> bytes:
-    return _read(f"/proc/{pid}/cmdline")
+def cmdline_bytes(pid: int, tid: int | None = None) -> bytes:
+    """Raw argv; read through a live thread when the group leader is a zombie."""
+    return _read(f"/proc/{pid}/cmdline" if tid is None else f"/proc/{pid}/task/{tid}/cmdline")
 
 
 def exe(pid: int) -> str:

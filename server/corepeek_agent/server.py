@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import grp
 import ipaddress
 import logging
 import os
@@ -13,13 +14,15 @@ from concurrent import futures
 from dataclasses import dataclass
 
 import grpc
-from corepeek.v1 import capture_pb2, capture_pb2_grpc
+from corepeek.v1 import capture_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from .authz import Guard
 from .errors import CorepeekError
 from .registry import SessionRegistry
-from .service import AgentConfig, CoreCaptureServicer
+from .service import AgentConfig, CoreCaptureServicer, add_capture_service
+from .tls import ReloadingCertificates, TLSConfigError, TLSFiles
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +37,10 @@ SERVER_OPTIONS = [
     ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.so_reuseport", 0),
+    # Requests are small (open/read messages, health, reflection): refuse
+    # anything larger before it is parsed.
+    ("grpc.max_receive_message_length", 64 * 1024),
+    ("grpc.max_metadata_size", 16 * 1024),
 ]
 
 
@@ -91,25 +98,49 @@ def raise_malloc_thresholds() -> None:
     libc.mallopt(m_trim_threshold, 128 * 1024 * 1024)
 
 
+def resolve_group(group: str | int) -> int:
+    """A group name or number as a gid."""
+    if isinstance(group, int) or str(group).isdigit():
+        return int(group)
+    try:
+        return grp.getgrnam(str(group)).gr_gid
+    except KeyError:
+        raise CorepeekError(f"no group named {group!r}") from None
+
+
 def create_server(address: str, *, insecure: bool = False,
                   config: AgentConfig = AgentConfig(),
-                  socket_mode: int = 0o600) -> tuple[grpc.Server, int, SessionRegistry]:
+                  socket_mode: int = 0o600, socket_group: str | int | None = None,
+                  tls: TLSFiles | None = None, guard: Guard | None = None,
+                  certificates: ReloadingCertificates | None = None,
+                  ) -> tuple[grpc.Server, int, SessionRegistry]:
     """Build (not start) an agent server; returns the server, bound port, registry.
 
-    TCP without TLS is refused unless ``insecure`` and the host is loopback.
+    TCP needs mutual TLS (``tls``); plaintext TCP is refused unless ``insecure``
+    and the host is loopback.  A Unix socket is created with ``socket_mode``
+    and, if given, owned by ``socket_group``: its file mode is the only access
+    control gRPC offers for it.  ``guard`` (policy, limits, audit) defaults to
+    the built-in policy of the transport: local peers may capture every dumpable
+    process, TLS peers nothing.
     """
     addr = ListenAddress.parse(address)
-    if addr.unix_path is None and not (insecure and addr.is_loopback):
+    if tls is not None and certificates is None:
+        certificates = ReloadingCertificates(tls)
+    if addr.unix_path is not None and certificates is not None:
+        raise TLSConfigError(f"{address} is a Unix socket: TLS is for TCP listeners "
+                             "(protect the socket with --socket-mode/--socket-group)")
+    if addr.unix_path is None and certificates is None and not (insecure and addr.is_loopback):
         raise InsecureListenRefused(
-            f"refusing to listen on {address} without TLS: plaintext TCP is allowed only "
-            "on loopback with --insecure")
+            f"refusing to listen on {address} without TLS: pass --tls-cert, --tls-key and "
+            "--tls-ca (plaintext TCP is allowed only on loopback with --insecure)")
+    if guard is None:
+        guard = Guard.for_listener(local_transport=certificates is None)
     registry = SessionRegistry(config.max_sessions)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.max_sessions + 8,
                                                     thread_name_prefix="rpc"),
                          options=SERVER_OPTIONS,
                          maximum_concurrent_rpcs=config.max_sessions * 2 + 8)
-    capture_pb2_grpc.add_CoreCaptureServiceServicer_to_server(
-        CoreCaptureServicer(config, registry), server)
+    add_capture_service(CoreCaptureServicer(config, registry, guard), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME):
@@ -119,13 +150,26 @@ def create_server(address: str, *, insecure: bool = False,
     if addr.unix_path is not None:
         if os.path.exists(addr.unix_path):
             os.unlink(addr.unix_path)
-        old = os.umask(0o777 & ~socket_mode)
+        gid = resolve_group(socket_group) if socket_group is not None else None
+        # Created with the group bits cleared, then handed to the group, then
+        # given its final mode: no moment where the wrong group may connect.
+        old = os.umask(0o777 & ~(socket_mode & 0o700))
         try:
             port = server.add_insecure_port(addr.grpc_target)
         finally:
             os.umask(old)
+        if gid is not None:
+            os.chown(addr.unix_path, -1, gid)
+        os.chmod(addr.unix_path, socket_mode)
+        log.info("unix socket %s mode %o group %s", addr.unix_path, socket_mode,
+                 gid if gid is not None else os.getegid())
+    elif certificates is not None:
+        port = server.add_secure_port(addr.grpc_target, certificates.credentials())
+        log.info("mutual TLS on %s: client certificates must chain to %s",
+                 address, certificates.files.ca)
     else:
-        log.warning("INSECURE: serving plaintext gRPC on %s (loopback only)", address)
+        log.warning("INSECURE: serving plaintext gRPC on %s (loopback only): every local "
+                    "user who can connect gets the policy's local identity", address)
         port = server.add_insecure_port(addr.grpc_target)
     if port == 0 and addr.unix_path is None:
         raise CorepeekError(f"cannot bind {address}")
@@ -133,24 +177,69 @@ def create_server(address: str, *, insecure: bool = False,
 
 
 def serve(address: str, *, insecure: bool = False, config: AgentConfig = AgentConfig(),
-          socket_mode: int = 0o600, ready: threading.Event | None = None) -> None:
-    """Run an agent until SIGTERM/SIGINT; thaws every target before exiting."""
+          socket_mode: int = 0o600, ready: threading.Event | None = None,
+          socket_group: str | int | None = None, tls: TLSFiles | None = None,
+          policy_path: str | None = None, audit_log: str | None = None,
+          sessions_per_minute: int | None = None, metrics_address: str | None = None,
+          health_address: str | None = None, log_format: str = "text") -> None:
+    """Run an agent until SIGTERM/SIGINT; thaws every target before exiting.
+
+    SIGHUP reloads the TLS certificates (they also reload by themselves when
+    the files change), the policy file, and reopens the audit log.
+    ``metrics_address`` (Prometheus ``/metrics``), ``health_address``
+    (plaintext gRPC health only, for kubelet probes) and ``log_format``
+    (``text``/``json``): see ``metrics.py``.
+    """
+    from .metrics import AgentMetrics, HealthPort, configure_logging
+
+    configure_logging(log_format)
     raise_malloc_thresholds()
+    certificates = ReloadingCertificates(tls) if tls is not None else None
+    guard = Guard.for_listener(local_transport=certificates is None, policy_path=policy_path,
+                               audit_path=audit_log, sessions_per_minute=sessions_per_minute)
     server, port, registry = create_server(address, insecure=insecure, config=config,
-                                           socket_mode=socket_mode)
+                                           socket_mode=socket_mode, socket_group=socket_group,
+                                           guard=guard, certificates=certificates)
+    metrics = AgentMetrics() if metrics_address else None
+    if metrics is not None:
+        metrics.instrument(guard, registry)      # observes audit records + the registry
+        metrics.serve(metrics_address)
+    health_port = HealthPort(health_address) if health_address else None
+    if health_port is not None:
+        health_port.start()
     server.start()
+    if health_port is not None:
+        health_port.set_serving(True)
     stop = threading.Event()
 
     def _on_signal(signum: int, _frame: object) -> None:
         log.info("signal %d: thawing %d session(s) and stopping", signum, len(registry.active()))
         stop.set()
 
+    def _on_hup(_signum: int, _frame: object) -> None:
+        log.warning("SIGHUP: reloading certificates and policy, reopening the audit log")
+        if certificates is not None:
+            certificates.request_reload()
+        guard.reload()
+
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGHUP, _on_hup)
     log.info("corepeek agent listening on %s%s", address,
              f" (port {port})" if port and not address.startswith("unix:") else "")
     if ready is not None:
         ready.set()
     stop.wait()
+    if health_port is not None:
+        health_port.set_serving(False)
     registry.thaw_all()
-    server.stop(grace=2).wait()
+    # Bounded: gRPC never completes the shutdown of a call it aborted itself
+    # because a message did not parse (measured, grpcio 1.85), and every
+    # target is already thawed.
+    if not server.stop(grace=2).wait(timeout=3):
+        log.warning("gRPC did not finish stopping in time; exiting anyway")
+    guard.audit.close()
+    if health_port is not None:
+        health_port.stop()
+    if metrics is not None:
+        metrics.close()

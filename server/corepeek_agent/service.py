@@ -7,15 +7,18 @@ from __future__ import annotations
 
 import logging
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from contextlib import closing
 from dataclasses import dataclass
 
 import grpc
 from corepeek.v1 import capture_pb2 as pb
 from corepeek.v1 import capture_pb2_grpc as pb_grpc
 
-from .errors import CorepeekError, InvalidRequest
+from .authz import CaptureGuard, Guard
+from .errors import CorepeekError, InvalidRequest, as_corepeek_error
 from .listing import list_processes
+from .policy import local_default_policy
 from .registry import SessionRegistry
 from .session import (DEFAULT_CHUNK, MAX_CHUNK, MODE_FULL, MODE_NOTES, MODE_STACKS,
                       CaptureSession, Chunk, SessionOptions)
@@ -25,6 +28,7 @@ log = logging.getLogger(__name__)
 MAX_READ_LENGTH = 1 << 44          # 16 TiB: larger than any core, rejects garbage
 MAX_OFFSET = 1 << 62
 MAX_THREAD_TIMEOUT_MS = 10_000
+MAX_FILTER_LENGTH = 4096           # ListProcesses comm / exe_glob
 
 _MODES = {pb.CAPTURE_MODE_UNSPECIFIED: MODE_FULL, pb.CAPTURE_MODE_FULL: MODE_FULL,
           pb.CAPTURE_MODE_STACKS: MODE_STACKS, pb.CAPTURE_MODE_NOTES: MODE_NOTES}
@@ -54,7 +58,9 @@ def session_options(opts: pb.CaptureOptions, config: AgentConfig) -> SessionOpti
         max_freeze=config.max_freeze_seconds,
         mode=_MODES[opts.mode],
         chunk_size=opts.max_chunk_bytes or DEFAULT_CHUNK,
-        stack_bytes=min(stack, 1 << 30))
+        stack_bytes=min(stack, 1 << 30),
+        snapshot=opts.snapshot,
+        packed=opts.packed_chunks)
 
 
 def layout_message(s: CaptureSession) -> pb.CoreLayout:
@@ -64,8 +70,9 @@ def layout_message(s: CaptureSession) -> pb.CoreLayout:
     segments = [pb.Segment(
         file_offset=g.file_offset, vaddr=g.vaddr, file_size=g.file_size, mem_size=g.mem_size,
         flags=g.flags, name=g.name, file_page_offset=g.file_page_offset, shared=g.shared,
-        stack=any(g.vaddr <= sp < g.vaddr + g.mem_size for sp in stack_tops))
-        for g in lay.segments]
+        stack=any(g.vaddr <= sp < g.vaddr + g.mem_size for sp in stack_tops),
+        read_after_thaw=i in s.read_after_thaw)
+        for i, g in enumerate(lay.segments)]
     threads = [pb.ThreadInfo(tid=t.tid, frozen=t.frozen, pc=lay.arch.pc(t.gpregs),
                              sp=lay.arch.sp(t.gpregs), comm=t.comm, state=t.state)
                for t in s.threads]
@@ -77,52 +84,184 @@ def layout_message(s: CaptureSession) -> pb.CoreLayout:
         arch=lay.arch.name, pid=s.pid, start_time=s.start_time, comm=s.comm, exe=s.exe,
         freeze_micros=int(fr.freeze_seconds * 1e6), max_chunk_bytes=s.options.chunk_size,
         mode=_MODE_ENUM[s.options.mode],
-        readable=[pb.ByteRange(offset=o, length=n) for o, n in s.readable])
+        readable=[pb.ByteRange(offset=o, length=n) for o, n in s.readable],
+        snapshot=s.snapshot is not None, snapshot_status=s.snapshot_status)
     if lay.section_header:
         msg.section_headers.CopyFrom(pb.ByteRange(offset=lay.section_header_offset,
                                                   length=len(lay.section_header)))
     return msg
 
 
-def _chunk_message(c: Chunk, request_id: int, last: bool) -> pb.CaptureResponse:
+# -- chunk messages -----------------------------------------------------------------
+#
+# Data chunks are the whole transfer, so they are encoded by hand: the framing
+# of a CaptureResponse{chunk: CoreChunk{...}} goes in front of the payload, and
+# the session reads target memory straight into the bytes after it (see
+# ``CaptureSession.read(frame=...)``).  gRPC gets those bytes as they are (the
+# serializer of ``add_capture_service`` passes bytes through): no protobuf
+# copies.  Fields are written offset, request_id, last, then data or
+# hole_length; protobuf parsers accept fields in any order.
+
+_RESPONSE_CHUNK = 0x12          # CaptureResponse.chunk: field 2, length-delimited
+_CHUNK_OFFSET = 0x08            # CoreChunk.offset: field 1, varint
+_CHUNK_DATA = 0x12              # CoreChunk.data: field 2, length-delimited
+_CHUNK_HOLE = 0x18              # CoreChunk.hole_length: field 3, varint
+_CHUNK_REQUEST = 0x20           # CoreChunk.request_id: field 4, varint
+_CHUNK_LAST = b"\x28\x01"       # CoreChunk.last = true: field 5, varint
+_CHUNK_EXTENTS = 0x32           # CoreChunk.extents: field 6, packed varints
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _chunk_fields(offset: int, request_id: int, last: bool,
+                  extents: Sequence[tuple[int, int]] = ()) -> bytes:
+    fields = bytes([_CHUNK_OFFSET]) + _varint(offset) if offset else b""
+    if request_id:
+        fields += bytes([_CHUNK_REQUEST]) + _varint(request_id)
+    if last:
+        fields += _CHUNK_LAST
+    if extents:
+        packed = b"".join(_varint(v) for pair in extents for v in pair)
+        fields += bytes([_CHUNK_EXTENTS]) + _varint(len(packed)) + packed
+    return fields
+
+
+def chunk_prefix(offset: int, request_id: int, last: bool, length: int,
+                 extents: Sequence[tuple[int, int]] = ()) -> bytes:
+    """Encoded CaptureResponse with a chunk whose ``length`` data bytes follow."""
+    inner = (_chunk_fields(offset, request_id, last, extents) + bytes([_CHUNK_DATA])
+             + _varint(length))
+    return bytes([_RESPONSE_CHUNK]) + _varint(len(inner) + length) + inner
+
+
+def encode_chunk(offset: int, request_id: int, last: bool, data: bytes | None = None,
+                 hole: int = 0, extents: Sequence[tuple[int, int]] = ()) -> bytes:
+    """Encoded CaptureResponse carrying one chunk (``data``, or a ``hole``)."""
+    if data is not None:
+        return chunk_prefix(offset, request_id, last, len(data), extents) + data
+    inner = _chunk_fields(offset, request_id, last)
+    if hole:
+        inner += bytes([_CHUNK_HOLE]) + _varint(hole)
+    return bytes([_RESPONSE_CHUNK]) + _varint(len(inner)) + inner
+
+
+def _serialize_response(msg: pb.CaptureResponse | bytes) -> bytes:
+    """Capture's response serializer: pre-encoded chunks pass through."""
+    return msg if type(msg) is bytes else msg.SerializeToString()
+
+
+def add_capture_service(servicer: CoreCaptureServicer, server: grpc.Server) -> None:
+    """Register ``servicer`` like the generated ``add_..._to_server``, except that
+    Capture may yield pre-encoded chunk bytes (``servicer.raw_responses``)."""
+    handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    class _Collect:
+        def add_generic_rpc_handlers(self, _generic: object) -> None:
+            pass
+
+        def add_registered_method_handlers(self, _name: str,
+                                           found: dict[str, grpc.RpcMethodHandler]) -> None:
+            handlers.update(found)
+
+    pb_grpc.add_CoreCaptureServiceServicer_to_server(servicer, _Collect())
+    handlers["Capture"] = handlers["Capture"]._replace(  # type: ignore[attr-defined]
+        response_serializer=_serialize_response)
+    name = pb.DESCRIPTOR.services_by_name["CoreCaptureService"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
+    server.add_registered_method_handlers(name, handlers)
+    servicer.raw_responses = True
+
+
+def _chunk_message(c: Chunk, request_id: int, last: bool,
+                   raw: bool = False) -> pb.CaptureResponse | bytes:
+    if raw:
+        if c.head:
+            return c.data   # type: ignore[return-value]  # framed by the session read
+        return encode_chunk(c.offset, request_id, last, c.data, c.hole, c.extents)
     chunk = pb.CoreChunk(offset=c.offset, request_id=request_id, last=last)
     if c.data is not None:
-        chunk.data = c.data
+        chunk.data = c.data[c.head:] if c.head else c.data
+        chunk.extents.extend(v for pair in c.extents for v in pair)
     else:
         chunk.hole_length = c.hole
     return pb.CaptureResponse(chunk=chunk)
 
 
+def _serve(guard: CaptureGuard, c: Chunk) -> None:
+    """Account a chunk with the guard (budget, audit): data and holes apart."""
+    if not c.extents:
+        guard.serve(c.offset, c.length, hole=c.data is None)
+        return
+    pos = 0
+    for start, n in c.extents:
+        if start > pos:
+            guard.serve(c.offset + pos, start - pos, hole=True)
+        guard.serve(c.offset + start, n, hole=False)
+        pos = start + n
+
+
 class CoreCaptureServicer(pb_grpc.CoreCaptureServiceServicer):
-    def __init__(self, config: AgentConfig, registry: SessionRegistry) -> None:
+    # Capture yields pre-encoded chunk bytes: only with the serializer that
+    # add_capture_service() registers (the generated one wants messages).
+    raw_responses = False
+
+    def __init__(self, config: AgentConfig, registry: SessionRegistry,
+                 guard: Guard | None = None) -> None:
         self.config = config
         self.registry = registry
+        # Policy, rate limits and audit log (authz.py); without one, local peers
+        # may capture every dumpable process and TLS peers nothing.
+        self.guard = guard or Guard(local_default_policy(), local_transport=True)
 
     def ListProcesses(self, request: pb.ListProcessesRequest,
                       context: grpc.ServicerContext) -> pb.ListProcessesResponse:
-        procs = [pb.ProcessInfo(pid=p.pid, ppid=p.ppid, uid=p.uid, comm=p.comm, exe=p.exe,
-                                cmdline=p.cmdline, threads=p.threads, rss_bytes=p.rss_bytes,
-                                start_time=p.start_time, cgroup=p.cgroup, state=p.state,
-                                elf_class=p.elf_class)
-                 for p in list_processes(comm=request.comm, exe_glob=request.exe_glob,
-                                         pid=request.pid)]
+        listing = self.guard.begin_list(context)
+        procs: list[pb.ProcessInfo] = []
+        try:
+            listing.check()
+            if request.pid < 0:
+                raise InvalidRequest(f"invalid pid {request.pid}")
+            if len(request.comm) > MAX_FILTER_LENGTH or len(request.exe_glob) > MAX_FILTER_LENGTH:
+                raise InvalidRequest(f"filters are limited to {MAX_FILTER_LENGTH} characters")
+            procs = [pb.ProcessInfo(pid=p.pid, ppid=p.ppid, uid=p.uid, comm=p.comm, exe=p.exe,
+                                    cmdline=p.cmdline, threads=p.threads,
+                                    rss_bytes=p.rss_bytes, start_time=p.start_time,
+                                    cgroup=p.cgroup, state=p.state, elf_class=p.elf_class)
+                     for p in list_processes(comm=request.comm, exe_glob=request.exe_glob,
+                                             pid=request.pid)
+                     if listing.may_see(p.pid)]
+        except CorepeekError as exc:
+            listing.failed(exc.code, exc.details())
+            context.abort(exc.code, exc.details())
+        finally:
+            listing.finish(len(procs))
         return pb.ListProcessesResponse(processes=procs, hostname=socket.gethostname())
 
     def Capture(self, request_iterator: Iterator[pb.CaptureRequest],
                 context: grpc.ServicerContext) -> Iterator[pb.CaptureResponse]:
         session: CaptureSession | None = None
         registered = False
+        guard = self.guard.begin_capture(context)
         try:
             first = next(request_iterator, None)
             if first is None:
+                guard.record.fail("empty", "OK", "the stream ended before `open`")
                 return
             if first.WhichOneof("request") != "open":
                 raise InvalidRequest("the first message of a capture must be `open`")
             if first.open.pid <= 0:
                 raise InvalidRequest(f"invalid pid {first.open.pid}")
             options = session_options(first.open.options, self.config)
+            guard.admit(first.open.pid, first.open.start_time, options.mode)
             session = CaptureSession(first.open.pid, start_time=first.open.start_time,
-                                     options=options, on_expire=context.cancel)
+                                     options=options, on_expire=context.cancel, admit=guard)
             self.registry.add(session)
             registered = True
             if not context.add_callback(session.thaw):
@@ -134,19 +273,38 @@ class CoreCaptureServicer(pb_grpc.CoreCaptureServiceServicer):
                      session.layout.total_size if session.layout else 0)
             yield pb.CaptureResponse(layout=layout_message(session))
             for req in request_iterator:
-                yield from self._answer(session, req)
+                yield from self._answer(session, req, guard)
         except CorepeekError as exc:
+            guard.failed(exc.code, exc.details())
             context.abort(exc.code, exc.details())
+        except grpc.RpcError:
+            return      # the RPC was cancelled (client gone, or max freeze): finally thaws
+        except OSError as exc:
+            err = as_corepeek_error(exc)
+            if err.code == grpc.StatusCode.INTERNAL:
+                log.exception("capture failed")
+            guard.failed(err.code, err.details())
+            context.abort(err.code, err.details())
+        except Exception as exc:
+            log.exception("capture failed")
+            guard.failed(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+            context.abort(grpc.StatusCode.INTERNAL, f"agent error: {type(exc).__name__}: {exc}")
         finally:
+            frozen = 0.0
             if session is not None:
+                frozen = min(session.frozen_seconds, session.options.max_freeze)
                 session.close()
                 if registered:
                     self.registry.remove(session)
                 log.info("session %s: pid %d thawed after %.3f s, %d bytes served",
                          session.id, session.pid, session.frozen_seconds, session.bytes_served)
+            guard.finish(
+                session_id=session.id if session else "", frozen_seconds=frozen,
+                stop_seconds=session.freeze.freeze_seconds if session and session.freeze else 0,
+                expired=bool(session and session.expired), active=context.is_active())
 
-    def _answer(self, session: CaptureSession,
-                req: pb.CaptureRequest) -> Iterator[pb.CaptureResponse]:
+    def _answer(self, session: CaptureSession, req: pb.CaptureRequest,
+                guard: CaptureGuard) -> Iterator[pb.CaptureResponse]:
         kind = req.WhichOneof("request")
         if kind == "open":
             raise InvalidRequest("this stream already opened a capture; open another stream")
@@ -157,11 +315,24 @@ class CoreCaptureServicer(pb_grpc.CoreCaptureServiceServicer):
             raise InvalidRequest(f"read length must be between 1 and {MAX_READ_LENGTH}")
         if r.offset > MAX_OFFSET:
             raise InvalidRequest(f"read offset {r.offset} is out of range")
+        guard.record.requests += 1
+        rid, raw = r.request_id, self.raw_responses
+        assert session.layout is not None
+        end = min(r.offset + r.length, session.layout.total_size)
+
+        def frame(offset: int, length: int, extents: tuple[tuple[int, int], ...]) -> bytes:
+            span = extents[-1][0] + extents[-1][1] if extents else length
+            return chunk_prefix(offset, rid, offset + span >= end, length, extents)
+
+        # One chunk is held back: the session checks the target is still alive
+        # after its last read, and an error must come before the `last` chunk.
         prev: Chunk | None = None
-        for chunk in session.read(r.offset, r.length):
-            if prev is not None:
-                yield _chunk_message(prev, r.request_id, last=False)
-            session.bytes_served += chunk.length
-            prev = chunk
+        with closing(session.read(r.offset, r.length, frame if raw else None)) as chunks:
+            for chunk in chunks:
+                if prev is not None:
+                    yield _chunk_message(prev, rid, last=False, raw=raw)
+                _serve(guard, chunk)                  # budget, audit
+                session.bytes_served += chunk.length
+                prev = chunk
         yield _chunk_message(prev if prev is not None else Chunk(r.offset, b""),
-                             r.request_id, last=True)
+                             rid, last=True, raw=raw)

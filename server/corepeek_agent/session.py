@@ -18,8 +18,9 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from . import procfs
-from .arch import I386, X86_64, ArchSpec
+from . import dynlink, procfs, snapshot
+from .arch import ARCHES, ArchSpec
+from .arch.base import select_arch
 from .elfcore import regions
 from .elfcore.dumpfilter import vma_dump_size
 from .elfcore.layout import Bytes, CoreLayout, Memory, Zeros
@@ -27,7 +28,8 @@ from .elfcore.model import DumpedMapping, Mapping, ProcessState, ThreadState
 from .elfcore.notes import build_notes
 from .errors import InvalidRequest, PermissionDenied, ProcessGone, SessionExpired, StaleTarget
 from .freezer import Freezer, FreezeResult
-from .memory import MemoryReader
+from .memory import IOV_MAX, MemoryReader
+from .snapshot import Snapshot, SnapshotReader, SnapshotUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -43,33 +45,57 @@ class SessionOptions:
     mode: str = MODE_FULL
     chunk_size: int = DEFAULT_CHUNK
     stack_bytes: int = 8 * 1024 * 1024
+    # Snapshot mode (docs/snapshot.md): freeze only while a copy-on-write clone
+    # is made; max_freeze then bounds the clone's lifetime.
+    snapshot: bool = False
+    # CLONE_FILES (share the fd table) rather than a copied table closed with
+    # close_range() in the clone; agent-internal, for measurements.
+    snapshot_share_files: bool = True
+    # The client understands packed chunks (CoreChunk.extents): small
+    # populated runs of sparse memory travel many to a message.
+    packed: bool = False
 
 
 @dataclass(frozen=True)
 class Chunk:
-    """A piece of a read answer: data, or ``hole`` zero bytes when data is None."""
+    """A piece of a read answer: data, or ``hole`` zero bytes when data is None.
+
+    With ``read(frame=...)`` the first ``head`` bytes of ``data`` are the
+    message framing ``frame`` returned, and the payload follows.  A packed
+    chunk (``extents``: (start relative to offset, length) pairs) carries the
+    extents' bytes concatenated and covers offset up to the end of the last
+    extent, zeros elsewhere.
+    """
 
     offset: int
     data: bytes | None
     hole: int = 0
+    head: int = 0
+    extents: tuple[tuple[int, int], ...] = ()
 
     @property
     def length(self) -> int:
-        return len(self.data) if self.data is not None else self.hole
+        """Core bytes covered."""
+        if self.extents:
+            return self.extents[-1][0] + self.extents[-1][1]
+        return len(self.data) - self.head if self.data is not None else self.hole
+
+
+# frame(core offset, payload bytes, extents) -> bytes to put before the payload.
+Framer = Callable[[int, int, tuple[tuple[int, int], ...]], bytes]
+# Populated runs shorter than this are packed (when the client allows it);
+# at most IOV_MAX of them per chunk, so one process_vm_readv reads a chunk.
+PACK_RUN_BELOW = 256 * 1024
 
 
 def choose_arch(pid: int, gpregs: bytes) -> ArchSpec:
     """The target's architecture, from the register set size ptrace returned.
 
     ptrace hands a tracer the tracee's own register view (68 bytes for an
-    i386 task even to a 64-bit agent); the executable's ELF class decides when
-    no register set could be read.
+    i386 task even to a 64-bit agent); the executable's ELF class and machine
+    decide when no register set could be read (see ``arch.select_arch``).
     """
-    if len(gpregs) == I386.gpregs_size:
-        return I386
-    if len(gpregs) == X86_64.gpregs_size:
-        return X86_64
-    return I386 if procfs.exe_elf_class(pid) == 32 else X86_64
+    return select_arch(ARCHES.values(), len(gpregs), lambda: procfs.exe_elf_ident(pid))
 
 
 def pidfd_exited(pidfd: int) -> bool:
@@ -82,12 +108,16 @@ class CaptureSession:
 
     def __init__(self, pid: int, *, start_time: int = 0,
                  options: SessionOptions = SessionOptions(),
-                 on_expire: Callable[[], None] | None = None) -> None:
+                 on_expire: Callable[[], None] | None = None,
+                 admit: Callable[[int, int], None] | None = None) -> None:
         self.id = uuid.uuid4().hex[:16]
         self.pid = pid
         self.start_time = start_time
         self.options = options
         self._on_expire = on_expire
+        # Policy check (pid, pidfd) -> None or raise: run once the pid is pinned,
+        # before the freeze, and again once frozen (authz.CaptureGuard).
+        self._admit = admit
         self._pidfd = -1
         self._freezer: Freezer | None = None
         self._reader: MemoryReader | None = None
@@ -98,6 +128,12 @@ class CaptureSession:
         self.comm = ""
         self.exe = ""
         self._anon_private: list[bool] = []
+        self._dumped: list[DumpedMapping] = []
+        # Snapshot mode: the clone (None: live mode), why a requested one was
+        # not made, and the segments read after the thaw (may be newer).
+        self.snapshot: Snapshot | None = None
+        self.snapshot_status = ""
+        self.read_after_thaw: frozenset[int] = frozenset()
         self.bytes_served = 0
         self.opened_at = 0.0
         self.closed = threading.Event()
@@ -116,6 +152,8 @@ class CaptureSession:
             raise
 
     def _open_pinned(self) -> None:
+        if self._admit is not None:     # first: a refused client learns nothing of the pid
+            self._admit(self.pid, self._pidfd)
         st = procfs.stat(self.pid)
         if self.start_time and st.start_time != self.start_time:
             raise StaleTarget(f"pid {self.pid} has start time {st.start_time}, not "
@@ -131,7 +169,11 @@ class CaptureSession:
         # pid we froze may be a reused one.
         if pidfd_exited(self._pidfd) or procfs.stat(self.pid).start_time != st.start_time:
             raise ProcessGone(f"process {self.pid} exited while being frozen")
+        if self._admit is not None:
+            self._admit(self.pid, self._pidfd)
         self._build(self.freeze)
+        if self.options.snapshot:
+            self._take_snapshot()
 
     def _build(self, fr: FreezeResult) -> None:
         arch = fr.arch
@@ -156,7 +198,7 @@ class CaptureSession:
         proc = ProcessState(
             pid=self.pid, ppid=st.ppid, pgrp=st.pgrp, sid=st.session, uid=uid, gid=gid,
             state=fr.states_before.get(self.pid, st.state), nice=st.nice, flags=st.flags,
-            comm=st.comm, psargs=_psargs(procfs.cmdline_bytes(self.pid)),
+            comm=st.comm, psargs=_psargs(procfs.cmdline_bytes(self.pid, live)),
             utime_us=procfs.ticks_to_us(st.utime), stime_us=procfs.ticks_to_us(st.stime),
             cutime_us=procfs.ticks_to_us(st.cutime), cstime_us=procfs.ticks_to_us(st.cstime),
             auxv=procfs.auxv(self.pid, live))
@@ -165,8 +207,61 @@ class CaptureSession:
         dumped = [DumpedMapping(m, vma_dump_size(m, dump_filter, self._read_head)) for m in maps]
         notes = build_notes(arch, proc, self.threads, dumped)
         self.layout = CoreLayout.build(arch, notes, dumped)
+        self._dumped = dumped
         self._anon_private = [not d.mapping.file_backed and not d.mapping.shared for d in dumped]
         self.readable = self._readable_ranges(arch)
+
+    def _take_snapshot(self) -> None:
+        """Snapshot mode: clone the frozen target, thaw it, serve memory from the clone.
+
+        The layout and notes are the original's (built while frozen).  Private
+        memory the clone lacks (MADV_DONTFORK / MADV_WIPEONFORK) is read from
+        the original first, up to ``snapshot.PREREAD_BUDGET``; the rest of it is
+        read from the running original later and flagged read_after_thaw.  If
+        no clone can be made, the target stays frozen and this is a live
+        capture; ``snapshot_status`` says why.
+        """
+        assert self._freezer is not None and self.freeze is not None
+        original = self._reader
+        assert original is not None
+        fr, freezer = self.freeze, self._freezer
+        maps = [d.mapping for d in self._dumped]
+        why = snapshot.obstacle(fr.arch, fr.threads, maps)
+        if why:
+            self._snapshot_fallback(why)
+            return
+        held, later = snapshot.preread(original, self._dumped)
+
+        def read(addr: int, n: int) -> bytes:
+            buf = bytearray(n)
+            return bytes(buf[:original.read_into(addr, buf)])
+
+        try:
+            snap = freezer.run_on_tracer(lambda: snapshot.take_snapshot(
+                freezer, fr, maps, read, thread_timeout=self.options.thread_timeout,
+                share_files=self.options.snapshot_share_files))
+        except SnapshotUnavailable as exc:
+            self._snapshot_fallback(str(exc))
+            return
+        self.snapshot = snap
+        try:
+            self._reader = SnapshotReader(
+                snap.clone_pid, original, held,
+                [(self._dumped[i].mapping.start, self._dumped[i].mapping.start +
+                  self._dumped[i].dump_size) for i in later])
+        except OSError:
+            # The session ended meanwhile (its tracer thread killed the clone).
+            raise ProcessGone(f"snapshot clone {snap.clone_pid} of pid {self.pid} is gone"
+                              ) from None
+        self.read_after_thaw = frozenset(snapshot.read_after_thaw(self._dumped, later))
+        log.info("pid %d: snapshot clone %d made; target frozen %.1f ms (clone() %.1f ms), "
+                 "%d bytes of private copies held, %d regions read after the thaw",
+                 self.pid, snap.clone_pid, (freezer.target_detached_at - self.opened_at) * 1e3,
+                 snap.clone_seconds * 1e3, sum(h.held_bytes for h in held), len(later))
+
+    def _snapshot_fallback(self, why: str) -> None:
+        self.snapshot_status = f"snapshot not taken, live capture instead: {why}"
+        log.warning("pid %d: %s", self.pid, self.snapshot_status)
 
     def _read_head(self, m: Mapping) -> bytes | None:
         assert self._reader is not None
@@ -179,13 +274,39 @@ class CaptureSession:
             return regions.notes_ranges(self.layout)
         if self.options.mode == MODE_STACKS:
             sps = [arch.sp(t.gpregs) for t in self.threads if t.frozen]
-            return regions.stacks_ranges(self.layout, sps, self.options.stack_bytes)
+            # The dynamic linker's library list and the thread descriptors,
+            # walked in the frozen target from the notes (auxv, registers), so
+            # a debugger can name the libraries and the threads.
+            reader = self._reader
+            assert reader is not None
+
+            def read(vaddr: int, length: int) -> bytes:
+                buf = bytearray(length)
+                return bytes(buf[:reader.read_into(vaddr, buf)])
+
+            try:
+                extra, found = dynlink.debugger_ranges(read, self.layout.notes,
+                                                       arch.word_size, arch.machine)
+            except Exception:   # a strange target must not fail the capture
+                log.exception("pid %d: dynamic linker walk failed", self.pid)
+                extra = ()
+            else:
+                if found.problems:
+                    log.info("pid %d: dynamic linker walk: %s", self.pid,
+                             "; ".join(found.problems))
+            return regions.stacks_ranges(self.layout, sps, self.options.stack_bytes,
+                                         extra_vaddr_ranges=extra)
         return [(0, self.layout.total_size)]
 
     # -- read ------------------------------------------------------------------
 
-    def read(self, offset: int, length: int) -> Iterator[Chunk]:
-        """Answer one read request as chunks of at most ``chunk_size`` bytes."""
+    def read(self, offset: int, length: int, frame: Framer | None = None) -> Iterator[Chunk]:
+        """Answer one read request as chunks of at most ``chunk_size`` bytes.
+
+        With ``frame``, every data chunk's ``data`` starts with
+        ``frame(offset, payload length)`` (``Chunk.head`` bytes), so a message
+        header costs no copy of the payload; holes stay ``data=None``.
+        """
         if self.layout is None:
             raise InvalidRequest("read before the session was opened")
         if self._freezer is not None and self._freezer.expired:
@@ -200,37 +321,101 @@ class CaptureSession:
                 f"range [{offset}, {end}) is outside what {self.options.mode} mode may read")
         for piece in self.layout.pieces(offset, length):
             if isinstance(piece, Bytes):
-                yield from self._bytes_chunks(offset, piece.data)
+                yield from self._bytes_chunks(offset, piece.data, frame)
                 offset += len(piece.data)
             elif isinstance(piece, Zeros):
                 yield Chunk(offset, None, piece.length)
                 offset += piece.length
             else:
-                yield from self._memory_chunks(offset, piece)
+                self._check_alive()
+                yield from self._memory_chunks(offset, piece, frame)
                 offset += piece.length
+        # Memory of a process that died meanwhile reads as holes (its page
+        # tables are gone): fail the request before its last chunk instead.
+        self._check_alive()
 
-    def _bytes_chunks(self, offset: int, data: bytes) -> Iterator[Chunk]:
+    def _check_alive(self) -> None:
+        """Fail if the target died (SIGKILL wakes even a frozen process).
+
+        Its traced threads stay zombies until the tracer reaps them, so the
+        pidfd alone does not tell; the thread memory is read through does.
+        """
+        dead = self._pidfd >= 0 and pidfd_exited(self._pidfd)
+        if not dead and self._reader is not None:
+            try:
+                dead = procfs.stat(self.pid, self._reader.tid).state in ("Z", "X")
+            except ProcessGone:
+                dead = True
+        if dead:
+            raise ProcessGone(f"process {self.pid} exited during the capture")
+
+    def _bytes_chunks(self, offset: int, data: bytes,
+                      frame: Framer | None = None) -> Iterator[Chunk]:
         step = self.options.chunk_size
         for i in range(0, len(data), step):
-            yield Chunk(offset + i, data[i:i + step])
+            part = data[i:i + step]
+            if frame is None:
+                yield Chunk(offset + i, part)
+            else:
+                head = frame(offset + i, len(part), ())
+                yield Chunk(offset + i, head + part, head=len(head))
 
-    def _memory_chunks(self, offset: int, piece: Memory) -> Iterator[Chunk]:
-        assert self._reader is not None
+    def _memory_chunks(self, offset: int, piece: Memory,
+                       frame: Framer | None = None) -> Iterator[Chunk]:
+        reader = self._reader
+        assert reader is not None
         runs: Iterator[tuple[int, int, bool]]
         if self._anon_private[piece.segment]:
-            runs = self._reader.populated_runs(piece.vaddr, piece.length)
+            runs = reader.populated_runs(piece.vaddr, piece.length)
         else:
             runs = iter([(piece.vaddr, piece.length, True)])
         step = self.options.chunk_size
+        packing = self.options.packed
+        pack: list[tuple[int, int]] = []      # small populated runs not sent yet
+        pack_bytes = 0
+        pack_from = covered = piece.vaddr     # below `covered`: sent, or in the pack
         for vaddr, length, populated in runs:
-            file_off = offset + (vaddr - piece.vaddr)
             if not populated:
-                yield Chunk(file_off, None, length)
+                continue                      # a hole: covered by what follows it
+            if packing and length < PACK_RUN_BELOW and length <= step:
+                if pack and (pack_bytes + length > step or len(pack) >= IOV_MAX):
+                    yield self._packed_chunk(offset + (pack_from - piece.vaddr), pack_from,
+                                             pack, frame)
+                    pack, pack_bytes = [], 0
+                if not pack:
+                    pack_from = covered
+                pack.append((vaddr, length))
+                pack_bytes += length
+                covered = vaddr + length
                 continue
+            if pack:
+                yield self._packed_chunk(offset + (pack_from - piece.vaddr), pack_from,
+                                         pack, frame)
+                pack, pack_bytes = [], 0
+            if vaddr > covered:
+                yield Chunk(offset + (covered - piece.vaddr), None, vaddr - covered)
+            file_off = offset + (vaddr - piece.vaddr)
             for i in range(0, length, step):
                 n = min(step, length - i)
-                data, _gaps = self._reader.read(vaddr + i, n)
-                yield Chunk(file_off + i, bytes(data))
+                # Read straight into the bytes that will be sent (after the
+                # framing): no zero-fill, no bytearray-to-bytes copy.
+                head = frame(file_off + i, n, ()) if frame is not None else b""
+                yield Chunk(file_off + i, reader.read_bytes(vaddr + i, n, head), head=len(head))
+            covered = vaddr + length
+        if pack:
+            yield self._packed_chunk(offset + (pack_from - piece.vaddr), pack_from, pack, frame)
+        end = piece.vaddr + piece.length
+        if covered < end:
+            yield Chunk(offset + (covered - piece.vaddr), None, end - covered)
+
+    def _packed_chunk(self, file_off: int, start: int, pack: list[tuple[int, int]],
+                      frame: Framer | None) -> Chunk:
+        """One chunk covering [start, end of the last run): the runs' bytes, zeros between."""
+        reader = self._reader
+        assert reader is not None
+        extents = tuple((v - start, n) for v, n in pack)
+        head = frame(file_off, sum(n for _, n in pack), extents) if frame is not None else b""
+        return Chunk(file_off, reader.read_runs(pack, head), head=len(head), extents=extents)
 
     # -- close -----------------------------------------------------------------
 
@@ -239,8 +424,18 @@ class CaptureSession:
             self._on_expire()
 
     @property
+    def expired(self) -> bool:
+        """The maximum freeze duration ended this session."""
+        return self._freezer is not None and self._freezer.expired
+
+    @property
     def frozen_seconds(self) -> float:
-        return time.monotonic() - self.opened_at if self.opened_at else 0.0
+        """How long the target has been (or was) frozen."""
+        if not self.opened_at:
+            return 0.0
+        if self.snapshot is not None and self._freezer is not None:
+            return self._freezer.target_detached_at - self.opened_at
+        return time.monotonic() - self.opened_at
 
     def thaw(self) -> None:
         """Thaw the target now; idempotent and safe from any thread."""
@@ -248,7 +443,12 @@ class CaptureSession:
             self._freezer.thaw()
 
     def close(self) -> None:
-        """Thaw and release the session's files (from the thread that reads)."""
+        """Thaw and release the session's files (from the thread that reads).
+
+        In snapshot mode the tracer thread's exit kills the clone, reaps it and
+        removes its zombie from the target (``Snapshot.release``) before
+        ``thaw`` returns.
+        """
         self.thaw()
         if self._reader is not None:
             self._reader.close()
@@ -260,4 +460,5 @@ class CaptureSession:
 
 
 def _psargs(raw: bytes) -> bytes:
-    return raw.rstrip(b"\0").replace(b"\0", b" ")
+    """argv joined by spaces as fill_psinfo() does: every NUL, the last one too."""
+    return raw.replace(b"\0", b" ")

@@ -139,3 +139,17 @@ def assert_no_leftover_processes(root: int | None = None, ignore: Collection[int
 
 __all__ = ["assert_thawed_and_undisturbed", "ptrace_available", "leftover_processes",
            "assert_no_leftover_processes", "descendants", "TargetError"]
+
+
+def wait_thawed(target: Target, timeout: float = 5.0) -> float:
+    """Seconds until no thread of target is ptrace-stopped or traced.
+
+    A client that cancels a stream does not wait for the agent to thaw; this
+    bounds how long that takes. Raises AssertionError after ``timeout``.
+    """
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if "t" not in target.thread_states().values() and not any(target.tracer_pids().values()):
+            return time.monotonic() - t0
+        time.sleep(0.005)
+    raise AssertionError(f"target still frozen after {timeout}s: {target.thread_states()}")

@@ -16,7 +16,7 @@ from elftools.elf.elffile import ELFFile
 from corepeek.remote import open_capture
 from corepeek.v1 import capture_pb2 as pb
 from corepeek.v1 import capture_pb2_grpc as pb_grpc
-from harness.checks import assert_thawed_and_undisturbed
+from harness.checks import assert_thawed_and_undisturbed, wait_thawed
 from harness.targets import Target
 
 
@@ -62,4 +62,5 @@ def test_chunks_stay_under_the_default_message_limit_and_holes_are_sent(agent, b
             call.cancel()
         assert max(sizes) < 4 * 1024 * 1024
         assert holes >= 200 * 1024 * 1024          # 256 MiB reserved, 8 MiB touched
+        wait_thawed(t, timeout=5)
         assert_thawed_and_undisturbed(t)

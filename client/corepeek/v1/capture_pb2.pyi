@@ -65,18 +65,20 @@ class ListProcessesResponse(_message.Message):
     def __init__(self, processes: _Optional[_Iterable[_Union[ProcessInfo, _Mapping]]] = ..., hostname: _Optional[str] = ...) -> None: ...
 
 class CaptureOptions(_message.Message):
-    __slots__ = ("freeze_timeout_ms", "mode", "max_chunk_bytes", "stack_bytes_per_thread", "snapshot")
+    __slots__ = ("freeze_timeout_ms", "mode", "max_chunk_bytes", "stack_bytes_per_thread", "snapshot", "packed_chunks")
     FREEZE_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     STACK_BYTES_PER_THREAD_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    PACKED_CHUNKS_FIELD_NUMBER: _ClassVar[int]
     freeze_timeout_ms: int
     mode: CaptureMode
     max_chunk_bytes: int
     stack_bytes_per_thread: int
     snapshot: bool
-    def __init__(self, freeze_timeout_ms: _Optional[int] = ..., mode: _Optional[_Union[CaptureMode, str]] = ..., max_chunk_bytes: _Optional[int] = ..., stack_bytes_per_thread: _Optional[int] = ..., snapshot: _Optional[bool] = ...) -> None: ...
+    packed_chunks: bool
+    def __init__(self, freeze_timeout_ms: _Optional[int] = ..., mode: _Optional[_Union[CaptureMode, str]] = ..., max_chunk_bytes: _Optional[int] = ..., stack_bytes_per_thread: _Optional[int] = ..., snapshot: _Optional[bool] = ..., packed_chunks: _Optional[bool] = ...) -> None: ...
 
 class OpenCapture(_message.Message):
     __slots__ = ("pid", "start_time", "options")
@@ -197,18 +199,20 @@ class CoreLayout(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., total_size: _Optional[int] = ..., headers: _Optional[_Union[ByteRange, _Mapping]] = ..., notes: _Optional[_Union[ByteRange, _Mapping]] = ..., segments: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ..., threads: _Optional[_Iterable[_Union[ThreadInfo, _Mapping]]] = ..., elf_class: _Optional[int] = ..., arch: _Optional[str] = ..., pid: _Optional[int] = ..., start_time: _Optional[int] = ..., comm: _Optional[str] = ..., exe: _Optional[str] = ..., section_headers: _Optional[_Union[ByteRange, _Mapping]] = ..., freeze_micros: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., mode: _Optional[_Union[CaptureMode, str]] = ..., readable: _Optional[_Iterable[_Union[ByteRange, _Mapping]]] = ..., snapshot: _Optional[bool] = ..., snapshot_status: _Optional[str] = ...) -> None: ...
 
 class CoreChunk(_message.Message):
-    __slots__ = ("offset", "data", "hole_length", "request_id", "last")
+    __slots__ = ("offset", "data", "hole_length", "request_id", "last", "extents")
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     HOLE_LENGTH_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     LAST_FIELD_NUMBER: _ClassVar[int]
+    EXTENTS_FIELD_NUMBER: _ClassVar[int]
     offset: int
     data: bytes
     hole_length: int
     request_id: int
     last: bool
-    def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ..., hole_length: _Optional[int] = ..., request_id: _Optional[int] = ..., last: _Optional[bool] = ...) -> None: ...
+    extents: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ..., hole_length: _Optional[int] = ..., request_id: _Optional[int] = ..., last: _Optional[bool] = ..., extents: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class CaptureResponse(_message.Message):
     __slots__ = ("layout", "chunk")
