@@ -28,7 +28,9 @@ def _agent(args: argparse.Namespace) -> int:
 
     config = AgentConfig(max_sessions=args.max_sessions,
                          max_freeze_seconds=args.max_freeze,
-                         default_thread_timeout=args.thread_timeout_ms / 1000)
+                         default_thread_timeout=args.thread_timeout_ms / 1000,
+                         keepalive_seconds=args.keepalive,
+                         keepalive_timeout_seconds=args.keepalive_timeout)
     from corepeek_agent.tls import TLSFiles
 
     serve(args.listen, insecure=args.insecure, config=config,
@@ -157,6 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--max-sessions", type=int, default=16)
     a.add_argument("--max-freeze", type=float, default=300.0,
                    help="seconds after which a session is ended and its target thawed")
+    a.add_argument("--keepalive", type=float, default=10.0,
+                   help="seconds between HTTP/2 pings to clients (cut links are noticed "
+                   "within keepalive + keepalive-timeout, and their targets thawed)")
+    a.add_argument("--keepalive-timeout", type=float, default=5.0)
     a.add_argument("--thread-timeout-ms", type=int, default=500,
                    help="default wait for each thread to stop")
     a.add_argument("--metrics-address", metavar="HOST:PORT",

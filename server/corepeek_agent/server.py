@@ -28,11 +28,7 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = capture_pb2.DESCRIPTOR.services_by_name["CoreCaptureService"].full_name
 
-# Keepalive: a client whose network path is cut is noticed within about
-# time + timeout, and its session is cancelled (which thaws the target).
 SERVER_OPTIONS = [
-    ("grpc.keepalive_time_ms", 10_000),
-    ("grpc.keepalive_timeout_ms", 5_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
     ("grpc.http2.max_pings_without_data", 0),
@@ -42,6 +38,14 @@ SERVER_OPTIONS = [
     ("grpc.max_receive_message_length", 64 * 1024),
     ("grpc.max_metadata_size", 16 * 1024),
 ]
+
+
+def server_options(config: AgentConfig) -> list[tuple[str, int]]:
+    """Keepalive: a client whose network path is cut is noticed within about
+    keepalive + timeout, and its session is cancelled (which thaws the target)."""
+    return [("grpc.keepalive_time_ms", int(config.keepalive_seconds * 1000)),
+            ("grpc.keepalive_timeout_ms", int(config.keepalive_timeout_seconds * 1000)),
+            *SERVER_OPTIONS]
 
 
 class InsecureListenRefused(CorepeekError):
@@ -138,7 +142,7 @@ def create_server(address: str, *, insecure: bool = False,
     registry = SessionRegistry(config.max_sessions)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.max_sessions + 8,
                                                     thread_name_prefix="rpc"),
-                         options=SERVER_OPTIONS,
+                         options=server_options(config),
                          maximum_concurrent_rpcs=config.max_sessions * 2 + 8)
     add_capture_service(CoreCaptureServicer(config, registry, guard), server)
     health_servicer = health.HealthServicer()

@@ -41,6 +41,10 @@ class AgentConfig:
     max_sessions: int = 16
     max_freeze_seconds: float = 300.0
     default_thread_timeout: float = 0.5
+    # A client whose network path is cut silently is noticed within about
+    # keepalive_seconds + keepalive_timeout_seconds (its session then thaws).
+    keepalive_seconds: float = 10.0
+    keepalive_timeout_seconds: float = 5.0
 
 
 def session_options(opts: pb.CaptureOptions, config: AgentConfig) -> SessionOptions:
