@@ -12,6 +12,10 @@ agent in this process only; the shipped code is unchanged:
                    instead of process_vm_readv
 * ``prefetch``     read each chunk on a separate thread, two chunks ahead of
                    the gRPC send
+* ``legacy``       the transfer path before issue 7 (commit c95ae15): chunks
+                   read into a bytearray and copied to bytes, built as protobuf
+                   messages, one message per populated run (no packing); use
+                   with ``client_main.py --legacy``
 * ``sopt:KEY=VALUE`` set a gRPC server option (integers passed as integers)
 """
 
@@ -23,7 +27,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-VARIANTS = ("no-mallopt", "pb-chunks", "procmem", "prefetch")
+VARIANTS = ("no-mallopt", "pb-chunks", "procmem", "prefetch", "legacy")
 
 
 def _no_mallopt() -> None:
@@ -114,6 +118,29 @@ def _prefetch() -> None:
     session.CaptureSession._memory_chunks = memory_chunks  # type: ignore[method-assign]
 
 
+def _legacy() -> None:
+    from corepeek_agent import session
+
+    _pb_chunks()
+
+    def memory_chunks(self, offset, piece, frame=None):  # type: ignore[no-untyped-def]
+        # session.CaptureSession._memory_chunks as of commit c95ae15
+        runs = (self._reader.populated_runs(piece.vaddr, piece.length)
+                if self._anon_private[piece.segment] else iter([(piece.vaddr, piece.length, True)]))
+        step = self.options.chunk_size
+        for vaddr, length, populated in runs:
+            file_off = offset + (vaddr - piece.vaddr)
+            if not populated:
+                yield session.Chunk(file_off, None, length)
+                continue
+            for i in range(0, length, step):
+                n = min(step, length - i)
+                data, _gaps = self._reader.read(vaddr + i, n)
+                yield session.Chunk(file_off + i, bytes(data))
+
+    session.CaptureSession._memory_chunks = memory_chunks  # type: ignore[method-assign]
+
+
 def _server_option(item: str) -> None:
     from corepeek_agent import server
     key, _, value = item.partition("=")
@@ -122,7 +149,7 @@ def _server_option(item: str) -> None:
 
 
 PATCHES = {"no-mallopt": _no_mallopt, "pb-chunks": _pb_chunks, "procmem": _procmem,
-           "prefetch": _prefetch}
+           "prefetch": _prefetch, "legacy": _legacy}
 
 
 def main(argv: list[str]) -> int:

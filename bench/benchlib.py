@@ -103,7 +103,8 @@ def parse_config(spec: str) -> dict:
     agent), ``client-no-mallopt`` (the client keeps glibc's
     malloc defaults), ``opt:KEY=VALUE`` (a gRPC channel option), ``no-writer``
     (the client writes from its receiving thread, no writer thread),
-    ``wpiece=BYTES`` (largest single pwrite of the client).
+    ``wpiece=BYTES`` (largest single pwrite of the client), ``legacy`` (agent
+    and client transfer code as before issue 7, commit c95ae15).
     """
     cfg: dict = {"name": spec, "chunk_bytes": 0, "variants": (), "mallopt": True,
                  "options": (), "writer": True}
@@ -114,6 +115,10 @@ def parse_config(spec: str) -> dict:
             cfg["mallopt"] = False
         elif item == "no-writer":
             cfg["writer"] = False
+        elif item == "legacy":           # the whole path before issue 7
+            cfg["legacy"] = True
+            cfg["mallopt"] = False
+            cfg["variants"] = tuple(sorted({*cfg["variants"], "legacy"}))
         elif item.startswith("wpiece="):
             cfg["write_piece"] = parse_size(item[len("wpiece="):])
         elif item.startswith("chunk="):

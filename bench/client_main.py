@@ -32,6 +32,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--option", action="append", default=[])
     p.add_argument("--no-writer-thread", action="store_true")
     p.add_argument("--write-piece", type=int, default=0, help="largest pwrite (bytes)")
+    p.add_argument("--legacy", action="store_true",
+                   help="the client before issue 7 (commit c95ae15): protobuf-decoded chunks, "
+                        "64 MiB requests one at a time, pwrite of each chunk")
     args = p.parse_args(argv)
     import grpc
 
@@ -50,9 +53,13 @@ def main(argv: list[str]) -> int:
     cpu0 = time.process_time()
     t0 = time.monotonic()
     try:
+        if args.legacy:
+            legacy_client(channel)
         with open_capture(channel, args.pid, chunk_bytes=args.chunk_bytes, mode=args.mode) as core:
             t_open = time.monotonic()
-            if args.mode == "full":
+            if args.mode == "full" and args.legacy:
+                legacy_write_full_core(core, args.out)
+            elif args.mode == "full":
                 write_full_core(core, args.out, writer_thread=not args.no_writer_thread,
                                 tune_malloc=not args.no_mallopt)
             t_written = time.monotonic()
@@ -71,6 +78,86 @@ def main(argv: list[str]) -> int:
         "segments": len(lay.segments), "core_size": lay.total_size,
     }, sys.stdout)
     return 0
+
+
+def legacy_client(channel: object) -> None:
+    """Make RemoteCore behave as at commit c95ae15 for this process."""
+    from corepeek import remote
+    from corepeek.errors import CaptureError
+    from corepeek.v1 import capture_pb2 as pb
+    from corepeek.v1 import capture_pb2_grpc as pb_grpc
+
+    stub = pb_grpc.CoreCaptureServiceStub(channel)
+
+    class LegacyCall:
+        """The generated stub's call (protobuf-decoded responses)."""
+
+        def __init__(self, requests, metadata=()):  # type: ignore[no-untyped-def]
+            self._it = iter(requests)
+            first = next(self._it)
+            first.open.options.packed_chunks = False   # the old client did not know them
+
+            def gen():  # type: ignore[no-untyped-def]
+                yield first
+                yield from self._it
+            self.call = stub.Capture(gen(), metadata=metadata)
+            self.first = True
+
+        def __iter__(self):  # type: ignore[no-untyped-def]
+            return self
+
+        def __next__(self):  # type: ignore[no-untyped-def]
+            resp = next(self.call)
+            if self.first:               # RemoteCore.__init__ decodes the layout itself
+                self.first = False
+                return resp.SerializeToString()
+            return resp
+
+    channel.stream_stream = lambda *a, **k: LegacyCall  # type: ignore[attr-defined]
+
+    def read_range(self, offset, length, *, views=False):  # type: ignore[no-untyped-def]
+        # RemoteCore.read_range as of commit c95ae15
+        with self._lock:
+            if self._closed:
+                raise CaptureError("the capture is closed")
+            rid = next(self._ids)
+            self.stats.requests += 1
+            self._requests.put(pb.CaptureRequest(read=pb.ReadRange(
+                offset=offset, length=length, request_id=rid)))
+            for resp in self._call:
+                chunk = resp.chunk
+                self.stats.messages += 1
+                if chunk.request_id != rid:
+                    raise CaptureError("protocol error")
+                if chunk.data:
+                    self.stats.data_bytes += len(chunk.data)
+                    self.stats.record(chunk.offset, len(chunk.data))
+                    yield remote.Piece(chunk.offset, chunk.data)
+                elif chunk.hole_length:
+                    self.stats.hole_bytes += chunk.hole_length
+                    self.stats.record(chunk.offset, chunk.hole_length)
+                    yield remote.Piece(chunk.offset, None, chunk.hole_length)
+                if chunk.last:
+                    return
+            raise CaptureError("the agent ended the capture stream unexpectedly")
+
+    remote.RemoteCore.read_range = read_range  # type: ignore[method-assign]
+
+
+def legacy_write_full_core(core, out, request_bytes: int = 64 * 1024 * 1024) -> int:  # type: ignore[no-untyped-def]
+    """dump.write_full_core as of commit c95ae15."""
+    import os
+    size = core.size
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        for start in range(0, size, request_bytes):
+            for piece in core.read_range(start, min(request_bytes, size - start)):
+                if piece.data is not None:
+                    os.pwrite(fd, piece.data, piece.offset)
+        os.ftruncate(fd, size)
+    finally:
+        os.close(fd)
+    return size
 
 
 if __name__ == "__main__":

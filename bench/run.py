@@ -56,13 +56,19 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(ROOT / "tests"))
+# This checkout's code, whatever an editable install elsewhere points at; the
+# agent and client subprocesses get the same through PYTHONPATH.
+CODE_PATH = [str(ROOT / "client"), str(ROOT / "server")]
+sys.path[:0] = [str(HERE), str(ROOT / "tests"), *CODE_PATH]
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    CODE_PATH + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
 
 import grpc  # noqa: E402
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 
 import benchlib as bl  # noqa: E402
+import corepeek  # noqa: E402
+import corepeek_agent  # noqa: E402
 from harness.targets import Target, build_target  # noqa: E402
 
 MIB = bl.MIB
@@ -152,6 +158,7 @@ def capture_agent(agent: Agent, target: Target, out: Path, cfg: dict,
     argv += [] if cfg["mallopt"] else ["--no-mallopt"]
     argv += [] if cfg.get("writer", True) else ["--no-writer-thread"]
     argv += ["--write-piece", str(cfg["write_piece"])] if cfg.get("write_piece") else []
+    argv += ["--legacy"] if cfg.get("legacy") else []
     for o in cfg["options"]:
         argv += ["--option", o]
     target.command("resetgap")
@@ -417,6 +424,7 @@ def main(argv: list[str] | None = None) -> int:
         "argv": sys.argv, "host": platform.node(), "kernel": platform.release(),
         "cpus": os.cpu_count(), "mem_total": os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"),
         "python": platform.python_version(), "grpc": grpc.__version__, "git": git_state(),
+        "code": {m.__name__: m.__file__ for m in (corepeek, corepeek_agent)},
         "transport": args.transport, "configs": configs, "reps": reps,
         "loadavg_start": os.getloadavg(),
     }

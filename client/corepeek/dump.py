@@ -24,7 +24,7 @@ REQUEST_BYTES = 256 * 1024 * 1024
 WRITE_BATCH = 1024 * 1024
 WRITE_QUEUE = 8
 # Largest single pwrite.  The page cache sizes its folios after the write.
-WRITE_PIECE = 1024 * 1024
+WRITE_PIECE = 256 * 1024
 
 
 def write_full_core(core: RemoteCore, out: Path | str, progress: Progress | None = None,
