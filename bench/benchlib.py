@@ -80,7 +80,8 @@ def fmt_bytes(v: float | None) -> str:
 def fmt_ratio(a: float | None, b: float | None) -> str:
     if a is None or not b:
         return "-"
-    return f"{a / b:.2f}"
+    r = a / b
+    return f"{r:.2f}" if r >= 0.1 else f"{r:.2g}"
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

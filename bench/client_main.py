@@ -42,8 +42,8 @@ def main(argv: list[str]) -> int:
     from corepeek.dump import write_full_core
     from corepeek.remote import open_capture
 
+    import corepeek.dump
     if args.write_piece:
-        import corepeek.dump
         corepeek.dump.WRITE_PIECE = args.write_piece
     extra: list[tuple[str, object]] = []
     for item in args.option:

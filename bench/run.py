@@ -1,7 +1,8 @@
 """corepeek vs gdb gcore, side by side on the same targets in the same run.
 
     python bench/run.py [--quick] [--sizes 256,1024,4096] [--reps 3]
-                        [--transport unix|tcp] [--json FILE] [--gcore-sparse-full]
+                        [--transport unix|tcp] [--json FILE]
+                        [--gcore-sparse capped|proxy|full] [--configs A,B,...]
 
 Needs root, gcc and gdb.  Starts one agent (``python -m corepeek agent`` as a
 subprocess, on a Unix socket or loopback TCP with --insecure) and, for each
@@ -22,10 +23,18 @@ bytes allocated on disk (st_blocks); agent CPU seconds and peak RSS during
 the capture (from /proc/AGENT/stat and VmHWM, reset before each capture
 through /proc/AGENT/clear_refs); gdb's CPU and peak RSS (wait4 rusage).
 
-gcore on the sparse target reads and writes all 64 GiB (minutes, ~69 GB of
-disk): by default it is measured on the same 100 MiB spread over smaller
-reservations (--sparse-proxy, 2 and 4 GiB) and extrapolated linearly to the
-full reservation; the row says so.  --gcore-sparse-full runs it for real.
+gcore on the sparse target reads and writes all 64 GiB (about two minutes
+and ~69 GB of disk), so by default it is not run to the end: gdb runs on the
+real target for --gcore-cap seconds (15), the core file's growth over the
+second half of that gives its write rate, and the time for the whole core is
+extrapolated from it (``--gcore-sparse capped``).  ``proxy`` (the --quick
+default) measures gcore on the same 100 MiB spread over smaller reservations
+(--sparse-proxy) and extrapolates linearly -- optimistic, because small
+cores stay in the page cache; ``full`` runs it for real.  The table marks
+these rows "gcore ESTIMATE".
+
+--configs measures several client/agent configurations side by side on the
+same targets (A/B runs, see benchlib.parse_config and bench/agent_main.py).
 
 A freeze/thaw table follows for the 200-thread target: the agent's own stop
 time (``layout.freeze_micros``), the client's ``close()`` (thaw and stream
@@ -46,6 +55,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -262,6 +272,63 @@ def run_case(name: str, args: list[str], *, exe: Path, agents: dict, configs: li
     return result
 
 
+def gcore_capped(target: Target, out: Path, cap_s: float, total_bytes: int,
+                 log: Callable[[str], None]) -> dict:
+    """gcore on the real target, stopped after cap_s: its write rate, extrapolated.
+
+    The file's size is sampled as gdb writes it; the rate over the second half
+    of the run (after the page cache stopped absorbing the writes as fast)
+    predicts the rest.  gdb is then killed: the kernel detaches its tracees,
+    and a target left stopped gets SIGCONT.
+    """
+    argv = ["gdb", "-batch", "-nx", "-iex", "set debuginfod enabled off",
+            "-p", str(target.pid), "-ex", f"gcore {out}"]
+    target.command("resetgap")
+    t0 = time.monotonic()
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    samples: list[tuple[float, int]] = []
+    finished = None
+    while True:
+        pid, status, ru = os.wait4(proc.pid, os.WNOHANG)
+        now = time.monotonic() - t0
+        if pid:
+            finished = (now, status, ru)
+            break
+        try:
+            samples.append((now, os.stat(out).st_size))
+        except FileNotFoundError:
+            pass
+        if now >= cap_s:
+            proc.kill()
+            _, status, ru = os.wait4(proc.pid, 0)
+            break
+        time.sleep(0.25)
+    proc.returncode = 0
+    written = os.stat(out).st_size if out.exists() else 0
+    blocks = disk_bytes(out) if out.exists() else 0
+    out.unlink(missing_ok=True)
+    time.sleep(0.05)
+    stopped = [t for t, st in target.thread_states().items() if st == "T"]
+    if stopped:
+        log(f"gcore killed: threads {stopped[:5]}... left stopped; sending SIGCONT")
+        target.send_signal(signal.SIGCONT)
+    gap = int(target.status()["maxgap_us"]) / 1e6
+    cpu = ru.ru_utime + ru.ru_stime
+    if finished is not None:
+        return {"capped": False, "wall_s": finished[0], "gap_s": gap, "core_bytes": written,
+                "disk_bytes": blocks, "gdb_cpu_s": cpu, "gdb_peak_rss": ru.ru_maxrss * 1024}
+    half = [(t, n) for t, n in samples if t >= cap_s / 2] or samples[-2:]
+    (ta, na), (tb, nb) = half[0], samples[-1]
+    rate = (nb - na) / (tb - ta) if tb > ta and nb > na else written / cap_s
+    elapsed = samples[-1][0]
+    est = elapsed + max(0, total_bytes - nb) / rate
+    return {"capped": True, "cap_s": cap_s, "bytes_at_cap": written, "rate_Bps": rate,
+            "wall_s": est, "gap_s": est, "core_bytes": total_bytes,
+            "disk_bytes": total_bytes * (blocks / written if written else 1.0),
+            "gdb_cpu_s": cpu * est / elapsed, "gdb_peak_rss": ru.ru_maxrss * 1024,
+            "measured_gap_s": gap}
+
+
 def sparse_gcore_proxy(exe: Path, workdir: Path, reserves: list[int], reps: int,
                        log: Callable[[str], None]) -> dict:
     """gcore on 100 MiB spread over smaller reservations, extrapolated to 64 GiB."""
@@ -344,8 +411,9 @@ def table(cases: list[dict]) -> str:
                          bl.fmt_seconds(g["gap_s"]), "-", bl.fmt_bytes(g["disk_bytes"]),
                          bl.fmt_seconds(g["gdb_cpu_s"]), "-", bl.fmt_bytes(g["gdb_peak_rss"])])
         elif est:
-            src = " and ".join(bl.fmt_bytes(r * MIB) for r in est["extrapolated_from_reserve_mib"])
-            rows.append(["", f"gcore, extrapolated from {src}",
+            src = est.get("extrapolated_from") or "the same 100MiB in " + " and ".join(
+                bl.fmt_bytes(r * MIB) for r in est["extrapolated_from_reserve_mib"])
+            rows.append(["", f"gcore ESTIMATE from {src}",
                          "~" + bl.fmt_seconds(est.get("wall_s")), "1.00",
                          "~" + bl.fmt_seconds(est.get("gap_s")), "-",
                          "~" + bl.fmt_bytes(est.get("disk_bytes")),
@@ -393,8 +461,13 @@ def main(argv: list[str] | None = None) -> int:
                         "each item+item: base, chunk=3M, variant=NAME (bench/agent_main.py), "
                         "client-no-mallopt, no-writer, opt:GRPC_CHANNEL_OPTION=VALUE")
     p.add_argument("--no-gcore", action="store_true", help="skip gcore entirely")
-    p.add_argument("--gcore-sparse-full", action="store_true",
-                   help="run gcore on the real 64 GiB sparse target (minutes, ~69 GB disk)")
+    p.add_argument("--gcore-sparse", choices=("capped", "proxy", "full"), default=None,
+                   help="gcore on the 64 GiB sparse target: capped (default: the real run "
+                        "stopped after --gcore-cap seconds, its write rate extrapolated), "
+                        "proxy (smaller reservations, --sparse-proxy, extrapolated; the "
+                        "--quick default), full (minutes, ~69 GB of disk)")
+    p.add_argument("--gcore-cap", type=float, default=15.0,
+                   help="seconds the capped sparse gcore runs (default 15)")
     p.add_argument("--sparse-proxy", default=None,
                    help="reservations (MiB) gcore is measured on to extrapolate the sparse "
                         "case (default 2048,4096; --quick 1024,2048)")
@@ -410,6 +483,7 @@ def main(argv: list[str] | None = None) -> int:
     proxy = [int(s) for s in (args.sparse_proxy or ("1024,2048" if args.quick else "2048,4096"))
              .split(",")]
     cases = set(args.cases.split(","))
+    args.gcore_sparse = args.gcore_sparse or ("proxy" if args.quick else "capped")
     configs = [bl.parse_config(c) for c in args.configs.split(",")]
     json_path = Path(args.json) if args.json else (
         HERE / "results" / f"run-{datetime.datetime.now():%Y%m%d-%H%M%S}.json")
@@ -447,19 +521,37 @@ def main(argv: list[str] | None = None) -> int:
                     f"dense {bl.fmt_bytes(mib * MIB)}", ["-m", str(mib), "-t", "2"],
                     gcore=not args.no_gcore, need_bytes=2 * mib * MIB, **common))
         if "sparse" in cases:
-            full = args.gcore_sparse_full and not args.no_gcore
-            if full and free_disk(work) < 80 * GIB:
-                log("--gcore-sparse-full needs ~69 GB of free disk in the workdir; extrapolating")
-                full = False
-            c = run_case("sparse 64G/100M",
-                         ["-m", str(SPARSE_TOUCH_MIB), "-r", str(SPARSE_RESERVE_MIB), "-s",
-                          "-t", "2"],
-                         gcore=full, need_bytes=(70 * GIB if full else SPARSE_TOUCH_MIB * MIB),
+            mode = "none" if args.no_gcore else args.gcore_sparse
+            if mode == "full" and free_disk(work) < 80 * GIB:
+                log("--gcore-sparse full needs ~69 GB of free disk in the workdir; capping")
+                mode = "capped"
+            if mode == "capped" and free_disk(work) < 40 * GIB:
+                log("--gcore-sparse capped needs ~40 GB of free disk in the workdir; proxy")
+                mode = "proxy"
+            sparse_args = ["-m", str(SPARSE_TOUCH_MIB), "-r", str(SPARSE_RESERVE_MIB), "-s",
+                           "-t", "2"]
+            c = run_case("sparse 64G/100M", sparse_args, gcore=(mode == "full"),
+                         need_bytes=(70 * GIB if mode == "full" else SPARSE_TOUCH_MIB * MIB),
                          **common)
-            if not full and not args.no_gcore and not c.get("skipped"):
+            if not c.get("skipped") and mode == "proxy":
                 proxy_res = sparse_gcore_proxy(exe, work, proxy, reps, log)
                 c["gcore_proxy"] = proxy_res["proxy_runs"]
                 c["gcore_estimate"] = proxy_res["estimate"]
+            elif not c.get("skipped") and mode == "capped":
+                total = int(c["configs"][configs[0]["name"]]["median"]["core_size"])
+                with Target(exe, sparse_args, ready_timeout=300) as target:
+                    est = gcore_capped(target, work / "sparse.gcore.core", args.gcore_cap,
+                                       total, log)
+                log(f"sparse gcore capped at {args.gcore_cap:.0f}s: "
+                    f"{bl.fmt_bytes(est.get('bytes_at_cap'))} written, "
+                    f"~{bl.fmt_bytes(est.get('rate_Bps'))}/s -> ~{bl.fmt_seconds(est['wall_s'])}")
+                if est.get("capped"):
+                    est["extrapolated_from"] = (f"{args.gcore_cap:.0f}s of the real run, "
+                                                f"{bl.fmt_bytes(est['bytes_at_cap'])} written")
+                    c["gcore_estimate"] = est
+                else:
+                    c["gcore"] = [est]
+                    c["gcore_median"] = bl.medians([est])
             results["cases"].append(c)
         if "threads" in cases:
             results["cases"].append(run_case(

@@ -42,6 +42,7 @@ def test_given_values_when_formatted_then_units_are_readable():
     assert bl.fmt_bytes(100 * 1024 * 1024) == "100MiB"
     assert bl.fmt_bytes(1.5 * (1 << 30)) == "1.5GiB"
     assert bl.fmt_ratio(1.0, 2.0) == "0.50" and bl.fmt_ratio(1.0, None) == "-"
+    assert bl.fmt_ratio(0.56, 204.0) == "0.0027"
     out = bl.format_table(["a", "bb"], [["x", "1"], ["yyy", "22"]]).splitlines()
     assert out[0] == "| a   | bb |" and out[3] == "| yyy | 22 |"
 
