@@ -1,7 +1,11 @@
 """Reading a frozen target's memory in large blocks, skipping what was never populated.
 
 ``process_vm_readv`` is the fast path (it works from any thread, unlike
-ptrace); pages it cannot read (guard pages, [vvar], MADV_DONTFORK-less I/O
+ptrace).  It pins pages (FOLL_PIN), and pinning an anonymous page the target
+shares copy-on-write with another process (a pre-fork worker and its master,
+KSM) makes the kernel copy it into the target first: ranges that may hold such
+pages are read through ``/proc/PID/mem`` instead, which takes plain references
+and copies nothing (:meth:`MemoryReader.read_via_proc_mem`).  Pages it cannot read (guard pages, [vvar], MADV_DONTFORK-less I/O
 memory) are retried page by page and served as zeros, as the kernel's core
 writer does.  For private anonymous memory, pages /proc/PID/pagemap reports
 neither present nor swapped were never written: they are zeros, and reading
@@ -10,6 +14,7 @@ them would only install page tables in the target, so they become holes.
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import ctypes.util
 import errno
@@ -81,8 +86,14 @@ class MemoryReader:
         self.tid = tid
         self._pagemap = os.open(f"/proc/{tid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
         self._scan_ok = True
+        self._mem = -1
+        self._proc_mem_ranges: list[tuple[int, int]] = []
+        self._proc_mem_starts: list[int] = []
 
     def close(self) -> None:
+        if self._mem >= 0:
+            os.close(self._mem)
+            self._mem = -1
         if self._pagemap >= 0:
             os.close(self._pagemap)
             self._pagemap = -1
@@ -164,12 +175,35 @@ class MemoryReader:
 
     # -- reading -----------------------------------------------------------------
 
+    def read_via_proc_mem(self, ranges: Sequence[tuple[int, int]]) -> None:
+        """Read [start, end) ranges through /proc/PID/mem (see the module doc)."""
+        self._proc_mem_ranges = sorted(ranges)
+        self._proc_mem_starts = [a for a, _ in self._proc_mem_ranges]
+        if ranges and self._mem < 0:
+            self._mem = os.open(f"/proc/{self.tid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+
+    def _needs_proc_mem(self, vaddr: int, n: int) -> bool:
+        i = bisect.bisect_right(self._proc_mem_starts, vaddr + n - 1) - 1
+        return i >= 0 and self._proc_mem_ranges[i][1] > vaddr
+
+    def _pread(self, vaddr: int, view: memoryview) -> int:
+        try:
+            return os.preadv(self._mem, [view], vaddr)
+        except OSError as exc:
+            if exc.errno in (errno.EIO, errno.EFAULT, errno.ENOMEM):
+                return 0
+            if exc.errno == errno.ESRCH:
+                raise ProcessGone(f"process of thread {self.tid} exited during the capture")
+            raise
+
     def read_into(self, vaddr: int, buf: bytearray | memoryview) -> int:
-        """process_vm_readv into buf; returns bytes read (stops at a fault)."""
+        """Read into buf; returns bytes read (stops at a fault)."""
         view = memoryview(buf)
         n = len(view)
         if n == 0:
             return 0
+        if self._proc_mem_ranges and self._needs_proc_mem(vaddr, n):
+            return self._pread(vaddr, view.cast("B"))
         c_buf = (ctypes.c_char * n).from_buffer(view)
         local = _Iovec(ctypes.addressof(c_buf), n)
         remote = _Iovec(vaddr, n)
@@ -226,7 +260,8 @@ class MemoryReader:
         try:
             view[:head] = prefix
             pos, i = head, 0
-            vectored = type(self).read_into is MemoryReader.read_into  # subclasses route reads
+            vectored = (type(self).read_into is MemoryReader.read_into  # subclasses route reads
+                        and not any(self._needs_proc_mem(v, n) for v, n in runs))
             while i < len(runs):
                 batch = runs[i:i + IOV_MAX] if vectored else ()
                 got = self._readv(view, pos, batch) if len(batch) > 1 else 0

@@ -215,6 +215,8 @@ def mappings(pid: int, tid: int | None = None) -> list[Mapping]:
             inode=inode, path=path,
             vm_flags=frozenset(fields.get("VmFlags", "").split()),
             anon_bytes=_kb(fields.get("Anonymous")) + _kb(fields.get("Swap")),
+            shared_bytes=(_kb(fields.get("Shared_Clean")) + _kb(fields.get("Shared_Dirty"))
+                          + _kb(fields.get("KSM"))),
             file_nlink=nlink, file_mode=mode))
     return out
 

@@ -209,6 +209,11 @@ class CaptureSession:
         self.layout = CoreLayout.build(arch, notes, dumped)
         self._dumped = dumped
         self._anon_private = [not d.mapping.file_backed and not d.mapping.shared for d in dumped]
+        # Reading pages the target shares copy-on-write with another process
+        # through process_vm_readv would make the kernel copy them into the
+        # target (FOLL_PIN unshares): such mappings are read via /proc/PID/mem.
+        self._reader.read_via_proc_mem(
+            [(m.start, m.end) for m in maps if m.may_hold_cow_shared_pages])
         self.readable = self._readable_ranges(arch)
 
     def _take_snapshot(self) -> None:

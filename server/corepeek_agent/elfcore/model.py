@@ -61,6 +61,7 @@ class Mapping:
     path: str                       # "" for anonymous memory
     vm_flags: frozenset[str] = field(default_factory=frozenset)  # smaps VmFlags
     anon_bytes: int = 0             # smaps Anonymous + Swap
+    shared_bytes: int = 0           # smaps Shared_Clean + Shared_Dirty + KSM
     file_nlink: int | None = None   # link count of the mapped file
     file_mode: int | None = None    # st_mode of the mapped file
 
@@ -83,6 +84,12 @@ class Mapping:
     @property
     def shared(self) -> bool:
         return self.perms[3] == "s"
+
+    @property
+    def may_hold_cow_shared_pages(self) -> bool:
+        """Private memory with anonymous pages another process also maps
+        (copy-on-write after fork, or KSM): pinning them would unshare them."""
+        return not self.shared and self.anon_bytes > 0 and self.shared_bytes > 0
 
     @property
     def file_backed(self) -> bool:
