@@ -74,11 +74,11 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
     CODE_PATH + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
 
 import grpc  # noqa: E402
-from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 
 import benchlib as bl  # noqa: E402
 import corepeek  # noqa: E402
 import corepeek_agent  # noqa: E402
+from harness.agents import wait_healthy  # noqa: E402
 from harness.targets import Target, build_target  # noqa: E402
 
 MIB = bl.MIB
@@ -118,20 +118,7 @@ class Agent:
         self._wait_healthy()
 
     def _wait_healthy(self, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"agent exited:\n{self.log_path.read_text()}")
-            try:
-                with grpc.insecure_channel(self.address) as ch:
-                    resp = health_pb2_grpc.HealthStub(ch).Check(
-                        health_pb2.HealthCheckRequest(service=""), timeout=1)
-                    if resp.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"agent not healthy after {timeout}s:\n{self.log_path.read_text()}")
+        wait_healthy(self.address, self.proc, self.log_path, timeout=timeout)
 
     def cpu(self) -> float:
         return bl.proc_cpu_seconds(Path(f"/proc/{self.proc.pid}/stat").read_text(), CLK)

@@ -210,14 +210,7 @@ class MemoryReader:
         got = _libc.process_vm_readv(self.tid, ctypes.byref(local), 1,
                                      ctypes.byref(remote), 1, 0)
         del c_buf
-        if got < 0:
-            err = ctypes.get_errno()
-            if err in (errno.EFAULT, errno.EIO, errno.ENOMEM):
-                return 0
-            if err == errno.ESRCH:
-                raise ProcessGone(f"process of thread {self.tid} exited during the capture")
-            raise OSError(err, f"process_vm_readv({self.tid}): {os.strerror(err)}")
-        return int(got)
+        return self._pvr_result(got)
 
     def fill(self, vaddr: int, view: memoryview) -> list[tuple[int, int]]:
         """Read [vaddr, vaddr+len(view)) into view; unreadable pages become zeros.
@@ -287,6 +280,10 @@ class MemoryReader:
         local = (_Iovec * 1)(_Iovec(base, total))
         remote = (_Iovec * count)(*(_Iovec(v, n) for v, n in runs))
         got = _libc.process_vm_readv(self.tid, local, 1, remote, count, 0)
+        return self._pvr_result(got)
+
+    def _pvr_result(self, got: int) -> int:
+        """Bytes process_vm_readv read; 0 at a fault (the caller zero-fills)."""
         if got < 0:
             err = ctypes.get_errno()
             if err in (errno.EFAULT, errno.EIO, errno.ENOMEM):
