@@ -42,6 +42,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 from corepeek.dump import write_full_core  # noqa: E402
 from corepeek.partial import write_partial_core  # noqa: E402
 from corepeek.remote import open_capture  # noqa: E402
+from harness.agents import stop_process  # noqa: E402
 from harness.targets import Target, build_target  # noqa: E402
 
 MODES = ("full", "stacks", "notes")
@@ -172,12 +173,7 @@ def main() -> int:
                 assert not any(s in "tT" for s in states.values()), states
                 assert not any(target.tracer_pids().values())
         finally:
-            agent.terminate()
-            try:
-                agent.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                agent.kill()
-                agent.wait()
+            stop_process(agent)
 
     result = {
         "benchmark": "bench_partial",

@@ -78,7 +78,7 @@ import grpc  # noqa: E402
 import benchlib as bl  # noqa: E402
 import corepeek  # noqa: E402
 import corepeek_agent  # noqa: E402
-from harness.agents import wait_healthy  # noqa: E402
+from harness.agents import stop_process, wait_healthy  # noqa: E402
 from harness.targets import Target, build_target  # noqa: E402
 
 MIB = bl.MIB
@@ -130,13 +130,7 @@ class Agent:
         Path(f"/proc/{self.proc.pid}/clear_refs").write_text("5")   # VmHWM := VmRSS
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, timeout=15)
 
 
 # -- one capture each way ----------------------------------------------------------------

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import bisect
 import os
-import struct
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -30,26 +29,20 @@ from pathlib import Path
 
 import grpc
 
+from .elfstructs import EHDR, ELFCLASS64, PHDR, SHDR, pack_phdr
 from .errors import CaptureError
+from .ranges import merge_ranges
 from .remote import RemoteCore, RemoteCoreFile
 from .v1 import capture_pb2 as pb
 
 PAGE_SIZE = 4096            # ELF_EXEC_PAGESIZE on x86: segment data alignment
 PT_LOAD, PT_NOTE = 1, 4
 PN_XNUM = 0xFFFF
-ELFCLASS32, ELFCLASS64 = 1, 2
 DEFAULT_STACK_BYTES = 8 * 1024 * 1024   # the agent's default cap per thread
 
 Range = tuple[int, int]     # (offset in the full core, length)
 
-_EHDR = {ELFCLASS64: struct.Struct("<16sHHIQQQIHHHHHH"),
-         ELFCLASS32: struct.Struct("<16sHHIIIIIHHHHHH")}
-# Program header fields in file order differ between classes (p_flags moves);
-# both are unpacked into ProgramHeader's order.
-_PHDR = {ELFCLASS64: struct.Struct("<IIQQQQQQ"),    # type flags offset vaddr paddr filesz memsz align
-         ELFCLASS32: struct.Struct("<IIIIIIII")}    # type offset vaddr paddr filesz memsz flags align
-_SHDR = {ELFCLASS64: struct.Struct("<IIQQQQIIQQ"),
-         ELFCLASS32: struct.Struct("<IIIIIIIIII")}
+_EHDR, _PHDR, _SHDR = EHDR, PHDR, SHDR
 
 
 class PartialCoreError(ValueError):
@@ -71,25 +64,8 @@ class ProgramHeader:
     p_align: int
 
     def pack(self, elf_class: int) -> bytes:
-        if elf_class == ELFCLASS64:
-            return _PHDR[ELFCLASS64].pack(
-                self.p_type,        # p_type
-                self.p_flags,       # p_flags
-                self.p_offset,      # p_offset
-                self.p_vaddr,       # p_vaddr
-                self.p_paddr,       # p_paddr
-                self.p_filesz,      # p_filesz
-                self.p_memsz,       # p_memsz
-                self.p_align)       # p_align
-        return _PHDR[ELFCLASS32].pack(
-            self.p_type,            # p_type
-            self.p_offset,          # p_offset
-            self.p_vaddr,           # p_vaddr
-            self.p_paddr,           # p_paddr
-            self.p_filesz,          # p_filesz
-            self.p_memsz,           # p_memsz
-            self.p_flags,           # p_flags
-            self.p_align)           # p_align
+        return pack_phdr(elf_class, self.p_type, self.p_flags, self.p_offset, self.p_vaddr,
+                         self.p_paddr, self.p_filesz, self.p_memsz, self.p_align)
 
 
 @dataclass(frozen=True)
@@ -201,17 +177,6 @@ class PartialPlan:
             if lo < hi:
                 out.append(Copy(lo, c.dst + lo - c.src, hi - lo))
         return out
-
-
-def merge_ranges(ranges: Iterable[Range]) -> list[Range]:
-    """Sort and coalesce overlapping or touching ranges; drop empty ones."""
-    out: list[list[int]] = []
-    for off, n in sorted(r for r in ranges if r[1] > 0):
-        if out and off <= out[-1][0] + out[-1][1]:
-            out[-1][1] = max(out[-1][1], off + n - out[-1][0])
-        else:
-            out.append([off, n])
-    return [(a, b) for a, b in out]
 
 
 def _split_load(p: ProgramHeader, keep: Sequence[Range]) -> list[tuple[ProgramHeader, int]]:

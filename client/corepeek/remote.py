@@ -25,6 +25,7 @@ from google.protobuf.message import DecodeError
 
 from .channel import TLSOptions, open_channel
 from .errors import CaptureError
+from .ranges import merge_ranges
 from .v1 import capture_pb2 as pb
 
 MODES = {"full": pb.CAPTURE_MODE_FULL, "stacks": pb.CAPTURE_MODE_STACKS,
@@ -52,21 +53,18 @@ class TransferStats:
     data_bytes: int = 0
     hole_bytes: int = 0
     messages: int = 0
-    fetched: list[tuple[int, int]] = field(default_factory=list)  # merged (offset, length)
+    _ranges: list[tuple[int, int]] = field(default_factory=list, repr=False)
 
     def record(self, offset: int, length: int) -> None:
-        if length <= 0:
-            return
-        i = bisect.bisect_left(self.fetched, (offset, 0))
-        self.fetched.insert(i, (offset, length))
-        merged: list[tuple[int, int]] = []
-        for off, n in self.fetched:
-            if merged and off <= merged[-1][0] + merged[-1][1]:
-                last_off, last_n = merged[-1]
-                merged[-1] = (last_off, max(last_n, off + n - last_off))
-            else:
-                merged.append((off, n))
-        self.fetched = merged
+        if length > 0:
+            self._ranges.append((offset, length))
+
+    @property
+    def fetched(self) -> list[tuple[int, int]]:
+        """Merged (offset, length) ranges received so far (merged on demand,
+        not once per chunk)."""
+        self._ranges = merge_ranges(self._ranges)
+        return list(self._ranges)
 
 
 _CAPTURE_METHOD = "/corepeek.v1.CoreCaptureService/Capture"

@@ -32,6 +32,8 @@ and a short read ends that branch of the walk instead of failing.
 
 from __future__ import annotations
 
+from corepeek.ranges import merge_ranges
+
 import struct
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -193,13 +195,7 @@ def descriptor_ranges(pointers: Iterable[int], size: int) -> list[VRange]:
 
 
 def merge_vranges(ranges: Iterable[VRange]) -> tuple[VRange, ...]:
-    out: list[list[int]] = []
-    for start, length in sorted(r for r in ranges if r[1] > 0):
-        if out and start <= out[-1][0] + out[-1][1]:
-            out[-1][1] = max(out[-1][1], start + length - out[-1][0])
-        else:
-            out.append([start, length])
-    return tuple((a, b) for a, b in out)
+    return tuple(merge_ranges(ranges))
 
 
 # -- reading target structures -----------------------------------------------------------

@@ -77,13 +77,18 @@ def start_agent(tmp: Path, *extra: str, listen: str | None = None,
     return AgentProcess(proc, address, log_path)
 
 
-def stop_agent(agent: AgentProcess) -> None:
-    if agent.proc.poll() is None:
-        agent.proc.terminate()
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    """SIGTERM, wait up to ``timeout``, then SIGKILL; always reaps."""
+    if proc.poll() is None:
+        proc.terminate()
         try:
-            agent.proc.wait(timeout=10)
+            proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            agent.proc.kill()
-            agent.proc.wait()
+            proc.kill()
+            proc.wait()
+
+
+def stop_agent(agent: AgentProcess) -> None:
+    stop_process(agent.proc)
 
 

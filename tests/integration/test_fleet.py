@@ -29,6 +29,7 @@ import pytest
 from elftools.elf.elffile import ELFFile
 
 from harness import netns
+from harness.agents import stop_process
 from harness.checks import assert_thawed_and_undisturbed
 from harness.targets import Target, bigmem_touched_pages, bigmem_words
 
@@ -316,12 +317,7 @@ def s3_server(tmp_path: Path) -> Iterator[str]:
                 time.sleep(0.2)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
         log.close()
 
 

@@ -14,22 +14,16 @@ the core.
 from __future__ import annotations
 
 import bisect
-import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
+
+from corepeek.elfstructs import EHDR, PHDR, SHDR, pack_phdr
 
 from ..arch.base import ArchSpec
 from .constants import (ELFDATA2LSB, ELFMAG, ET_CORE, EV_CURRENT, PAGE_SIZE, PN_XNUM,
                         SHT_NULL, ElfClass, PFlags, PType)
 from .model import DumpedMapping
-
-_EHDR = {ElfClass.ELF64: "<16sHHIQQQIHHHHHH", ElfClass.ELF32: "<16sHHIIIIIHHHHHH"}
-# PT_* fields in file order differ between classes (p_flags moves).
-_PHDR64 = "<IIQQQQQQ"   # type flags offset vaddr paddr filesz memsz align
-_PHDR32 = "<IIIIIIII"   # type offset vaddr paddr filesz memsz flags align
-_SHDR = {ElfClass.ELF64: "<IIQQQQIIQQ", ElfClass.ELF32: "<IIIIIIIIII"}
-
 
 @dataclass(frozen=True)
 class SegmentLayout:
@@ -71,9 +65,7 @@ Piece = Bytes | Memory | Zeros
 
 def _phdr(cls: ElfClass, ptype: int, flags: int, offset: int, vaddr: int,
           filesz: int, memsz: int, align: int) -> bytes:
-    if cls == ElfClass.ELF64:
-        return struct.pack(_PHDR64, ptype, flags, offset, vaddr, 0, filesz, memsz, align)
-    return struct.pack(_PHDR32, ptype, offset, vaddr, 0, filesz, memsz, flags, align)
+    return pack_phdr(cls, ptype, flags, offset, vaddr, 0, filesz, memsz, align)
 
 
 def _pflags(perms: str) -> int:
@@ -102,9 +94,7 @@ class CoreLayout:
     def build(cls, arch: ArchSpec, notes: bytes,
               mappings: Sequence[DumpedMapping]) -> CoreLayout:
         ec = arch.elf_class
-        ehdr_size = struct.calcsize(_EHDR[ec])
-        phdr_size = struct.calcsize(_PHDR64 if ec == ElfClass.ELF64 else _PHDR32)
-        shdr_size = struct.calcsize(_SHDR[ec])
+        ehdr_size, phdr_size, shdr_size = EHDR[ec].size, PHDR[ec].size, SHDR[ec].size
         segs = len(mappings) + 1                     # + PT_NOTE
         e_phnum = PN_XNUM if segs > PN_XNUM else segs
         notes_offset = ehdr_size + segs * phdr_size
@@ -121,9 +111,9 @@ class CoreLayout:
         section_header = b""
         if e_phnum == PN_XNUM:
             # sh_info carries the real program header count (fill_extnum_info()).
-            section_header = struct.pack(_SHDR[ec], 0, SHT_NULL, 0, 0, 0, 1, 0, segs, 0, 0)
+            section_header = SHDR[ec].pack(0, SHT_NULL, 0, 0, 0, 1, 0, segs, 0, 0)
         ident = ELFMAG + bytes([ec, ELFDATA2LSB, EV_CURRENT]) + bytes(9)
-        ehdr = struct.pack(_EHDR[ec], ident, ET_CORE, arch.machine, EV_CURRENT, 0,
+        ehdr = EHDR[ec].pack(ident, ET_CORE, arch.machine, EV_CURRENT, 0,
                            ehdr_size, e_shoff, 0, ehdr_size, phdr_size, e_phnum,
                            shdr_size if section_header else 0,
                            1 if section_header else 0, 0)

@@ -16,6 +16,8 @@ the client can plan the same ranges from the protobuf layout it received.
 
 from __future__ import annotations
 
+from corepeek.ranges import merge_ranges
+
 import bisect
 from collections.abc import Iterable, Sequence
 from typing import Protocol
@@ -48,13 +50,7 @@ class SegmentLike(Protocol):
 
 def merge(ranges: Iterable[Range]) -> list[Range]:
     """Sort and coalesce overlapping or touching ranges; drop empty ones."""
-    out: list[list[int]] = []
-    for off, length in sorted(r for r in ranges if r[1] > 0):
-        if out and off <= out[-1][0] + out[-1][1]:
-            out[-1][1] = max(out[-1][1], off + length - out[-1][0])
-        else:
-            out.append([off, length])
-    return [(a, b) for a, b in out]
+    return merge_ranges(ranges)
 
 
 def contains(ranges: Sequence[Range], offset: int, length: int) -> bool:
