@@ -104,7 +104,10 @@ def parse_config(spec: str) -> dict:
     agent), ``client-no-mallopt`` (the client keeps glibc's
     malloc defaults), ``opt:KEY=VALUE`` (a gRPC channel option), ``no-writer``
     (the client writes from its receiving thread, no writer thread),
-    ``wpiece=BYTES`` (largest single pwrite of the client), ``legacy`` (agent
+    ``wpiece=BYTES`` (largest single buffered pwrite of the client),
+    ``no-direct`` (the client writes through the page cache only, no O_DIRECT),
+    ``no-spill`` (the client waits for a free staging buffer instead of writing
+    the excess through the page cache), ``legacy`` (agent
     and client transfer code as before issue 7, commit c95ae15).
     """
     cfg: dict = {"name": spec, "chunk_bytes": 0, "variants": (), "mallopt": True,
@@ -116,6 +119,8 @@ def parse_config(spec: str) -> dict:
             cfg["mallopt"] = False
         elif item == "no-writer":
             cfg["writer"] = False
+        elif item in ("no-direct", "no-spill"):
+            cfg[item.replace("-", "_")] = True
         elif item == "legacy":           # the whole path before issue 7
             cfg["legacy"] = True
             cfg["mallopt"] = False

@@ -31,7 +31,10 @@ def main(argv: list[str]) -> int:
                    help="do not let write_full_core raise glibc's malloc thresholds")
     p.add_argument("--option", action="append", default=[])
     p.add_argument("--no-writer-thread", action="store_true")
-    p.add_argument("--write-piece", type=int, default=0, help="largest pwrite (bytes)")
+    p.add_argument("--write-piece", type=int, default=0, help="largest buffered pwrite (bytes)")
+    p.add_argument("--no-direct", action="store_true", help="write through the page cache only")
+    p.add_argument("--no-spill", action="store_true",
+                   help="wait for a staging buffer rather than writing through the page cache")
     p.add_argument("--legacy", action="store_true",
                    help="the client before issue 7 (commit c95ae15): protobuf-decoded chunks, "
                         "64 MiB requests one at a time, pwrite of each chunk")
@@ -42,14 +45,16 @@ def main(argv: list[str]) -> int:
     from corepeek.dump import write_full_core
     from corepeek.remote import open_capture
 
-    import corepeek.dump
+    import corepeek.diskwriter
     if args.write_piece:
-        corepeek.dump.WRITE_PIECE = args.write_piece
+        corepeek.diskwriter.BUFFERED_PIECE = args.write_piece
     extra: list[tuple[str, object]] = []
     for item in args.option:
         key, _, value = item.partition("=")
         extra.append((key, int(value) if value.lstrip("-").isdigit() else value))
     channel = grpc.insecure_channel(args.agent, options=list(CHANNEL_OPTIONS) + extra)
+    from corepeek.diskwriter import WriteStats
+    disk_stats = WriteStats()
     cpu0 = time.process_time()
     t0 = time.monotonic()
     try:
@@ -61,7 +66,8 @@ def main(argv: list[str]) -> int:
                 legacy_write_full_core(core, args.out)
             elif args.mode == "full":
                 write_full_core(core, args.out, writer_thread=not args.no_writer_thread,
-                                tune_malloc=not args.no_mallopt)
+                                tune_malloc=not args.no_mallopt, direct=not args.no_direct,
+                                spill=not args.no_spill, stats=disk_stats)
             t_written = time.monotonic()
             stats, lay = core.stats, core.layout
             t_close = time.monotonic()
@@ -76,6 +82,8 @@ def main(argv: list[str]) -> int:
         "freeze_s": lay.freeze_micros / 1e6, "threads": len(lay.threads),
         "threads_frozen": sum(1 for t in lay.threads if t.frozen),
         "segments": len(lay.segments), "core_size": lay.total_size,
+        "direct_bytes": disk_stats.direct_bytes, "buffered_bytes": disk_stats.buffered_bytes,
+        "direct_fallback": disk_stats.direct_fallback,
     }, sys.stdout)
     return 0
 

@@ -150,6 +150,8 @@ def capture_agent(agent: Agent, target: Target, out: Path, cfg: dict,
     argv += [] if cfg.get("writer", True) else ["--no-writer-thread"]
     argv += ["--write-piece", str(cfg["write_piece"])] if cfg.get("write_piece") else []
     argv += ["--legacy"] if cfg.get("legacy") else []
+    argv += ["--no-direct"] if cfg.get("no_direct") or cfg.get("legacy") else []
+    argv += ["--no-spill"] if cfg.get("no_spill") else []
     for o in cfg["options"]:
         argv += ["--option", o]
     target.command("resetgap")

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import os
 import queue
 import threading
 from collections.abc import Callable
+from typing import Any
 from pathlib import Path
 
+from .diskwriter import CoreFileWriter, pwrite_all  # noqa: F401 - pwrite_all re-exported
 from .remote import RemoteCore
 
 Progress = Callable[[int], None]
@@ -23,69 +24,60 @@ REQUEST_BYTES = 256 * 1024 * 1024
 # WRITE_BATCH bytes (or one message), at most WRITE_QUEUE batches.
 WRITE_BATCH = 1024 * 1024
 WRITE_QUEUE = 8
-# Largest single pwrite.  The page cache sizes its folios after the write:
-# 1 MiB writes cost this kernel 2-3x the CPU of 256 KiB ones (bench/).
-WRITE_PIECE = 256 * 1024
 
 
 def write_full_core(core: RemoteCore, out: Path | str, progress: Progress | None = None,
                     request_bytes: int = REQUEST_BYTES, writer_thread: bool = True,
-                    tune_malloc: bool = True) -> int:
+                    tune_malloc: bool = True, direct: bool = True,
+                    **writer_opts: Any) -> int:
     """Stream the whole core into ``out``; returns the core size.
 
-    Holes are skipped with pwrite offsets and the file is extended with
-    ftruncate, so untouched memory takes no disk space.  Data is written
-    straight from the received messages (no copy), by a writer thread so that
-    copying into the page cache overlaps with receiving the next messages.
-    ``tune_malloc`` raises glibc's mmap and trim thresholds for this process
-    (see :func:`raise_malloc_thresholds`).
+    Holes are skipped and the file is extended with ftruncate, so untouched
+    memory takes no disk space.  A writer thread takes the received messages
+    (no copy) so that writing overlaps with receiving the next ones; large
+    aligned runs go to disk with direct I/O (:mod:`corepeek.diskwriter`,
+    ``direct=False`` keeps to the page cache).  ``tune_malloc`` raises glibc's
+    mmap and trim thresholds for this process (see
+    :func:`raise_malloc_thresholds`).
     """
     if tune_malloc:
         raise_malloc_thresholds()
     size = core.size
     ranges = ((start, min(request_bytes, size - start)) for start in range(0, size, request_bytes))
-    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    writer = _Writer(fd) if writer_thread else None
-    try:
-        batch: list[tuple[int, bytes | memoryview]] = []
-        batch_bytes = 0
-        for piece in core.read_ranges(ranges, views=True):
-            if piece.data is not None:
-                if writer is None:
-                    pwrite_all(fd, piece.data, piece.offset)
-                else:
-                    batch.append((piece.offset, piece.data))
-                    batch_bytes += len(piece.data)
-                    if batch_bytes >= WRITE_BATCH:
-                        writer.put(batch)
-                        batch, batch_bytes = [], 0
-            if progress is not None:
-                progress(piece.length)
-        if writer is not None:
-            if batch:
-                writer.put(batch)
-            writer.finish()
-        os.ftruncate(fd, size)
-    finally:
-        if writer is not None:
-            writer.abort()
-        os.close(fd)
+    with CoreFileWriter(out, direct=direct, **writer_opts) as disk:
+        writer = _Writer(disk.write) if writer_thread else None
+        try:
+            batch: list[tuple[int, bytes | memoryview]] = []
+            batch_bytes = 0
+            for piece in core.read_ranges(ranges, views=True):
+                if piece.data is not None:
+                    if writer is None:
+                        disk.write(piece.offset, piece.data)
+                    else:
+                        batch.append((piece.offset, piece.data))
+                        batch_bytes += len(piece.data)
+                        if batch_bytes >= WRITE_BATCH:
+                            writer.put(batch)
+                            batch, batch_bytes = [], 0
+                if progress is not None:
+                    progress(piece.length)
+            if writer is not None:
+                if batch:
+                    writer.put(batch)
+                writer.finish()
+            disk.finish(size)
+        finally:
+            if writer is not None:
+                writer.abort()
     return size
 
 
-def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
-    """pwrite until every byte is written (a short write is not an error)."""
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view[:WRITE_PIECE], offset)
-        view, offset = view[n:], offset + n
-
-
 class _Writer:
-    """A thread doing the pwrites of (offset, data) batches from a bounded queue."""
+    """A thread handing (offset, data) batches from a bounded queue to ``write``."""
 
-    def __init__(self, fd: int, depth: int = WRITE_QUEUE) -> None:
-        self._fd = fd
+    def __init__(self, write: Callable[[int, bytes | memoryview], None],
+                 depth: int = WRITE_QUEUE) -> None:
+        self._write = write
         self._queue: queue.Queue[list[tuple[int, bytes | memoryview]] | None] = \
             queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
@@ -102,7 +94,7 @@ class _Writer:
                 continue                          # drain without writing
             try:
                 for offset, data in batch:
-                    pwrite_all(self._fd, data, offset)
+                    self._write(offset, data)
             except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
                 self._error = exc
 

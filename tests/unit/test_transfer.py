@@ -278,26 +278,3 @@ def test_given_data_and_holes_when_written_then_the_file_is_sparse_and_exact(
         assert f.read(4096) == b"A" * 4096 and f.read(4096) == bytes(4096)
         f.seek(32 * 1024 * 1024)
         assert f.read(8192) == b"B" * 8192
-
-
-def test_given_a_write_error_when_writing_then_it_reaches_the_caller(tmp_path: Path) -> None:
-    class _Boom(_FakeCore):
-        def read_ranges(self, ranges, views: bool = False):  # type: ignore[no-untyped-def]
-            for i in range(64):
-                yield Piece(i * 1024 * 1024, b"x" * (1024 * 1024))
-
-    out = tmp_path / "core"
-    import corepeek.dump as dump
-    real = dump.pwrite_all
-
-    def failing(fd: int, data, offset: int) -> None:  # type: ignore[no-untyped-def]
-        if offset >= 8 * 1024 * 1024:
-            raise OSError(28, "No space left on device")
-        real(fd, data, offset)
-
-    dump.pwrite_all = failing  # type: ignore[assignment]
-    try:
-        with pytest.raises(OSError, match="No space"):
-            write_full_core(_Boom(64 * 1024 * 1024, []), out)  # type: ignore[arg-type]
-    finally:
-        dump.pwrite_all = real  # type: ignore[assignment]
