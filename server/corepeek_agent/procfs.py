@@ -70,6 +70,27 @@ def stat(pid: int, tid: int | None = None) -> Stat:
     return parse_stat(_read(path).decode(errors="replace"))
 
 
+def thread_state(pid: int, tid: int) -> str:
+    """The state letter of one thread: what a freeze reads for every thread
+    just before seizing it, so it avoids ``open()`` and full parsing (half the
+    cost of :func:`stat` in a 200-thread freeze)."""
+    path = f"/proc/{pid}/task/{tid}/stat"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except (FileNotFoundError, ProcessLookupError) as exc:
+        raise ProcessGone(path) from exc
+    try:
+        raw = os.read(fd, 512)
+    except ProcessLookupError as exc:
+        raise ProcessGone(path) from exc
+    finally:
+        os.close(fd)
+    end = raw.rfind(b")")
+    if end < 0 or end + 2 >= len(raw):
+        raise ProcessGone(path)
+    return chr(raw[end + 2])
+
+
 def status(pid: int, tid: int | None = None) -> dict[str, str]:
     """/proc/.../status as a dict of raw values."""
     path = f"/proc/{pid}/status" if tid is None else f"/proc/{pid}/task/{tid}/status"

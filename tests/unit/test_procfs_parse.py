@@ -33,3 +33,35 @@ def test_smaps_blocks() -> None:
     assert [b[0].group(7) for b in blocks] == ["/usr/bin/cat", "[stack]", ""]
     assert blocks[1][1]["Swap"] == "4 kB"
     assert "dd" in blocks[2][1]["VmFlags"].split()
+
+
+def test_given_a_thread_with_a_tricky_name_when_its_state_is_read_then_it_matches_stat() -> None:
+    import os
+    import threading
+
+    from corepeek_agent import procfs
+    from corepeek_agent.errors import ProcessGone
+
+    ready, done = threading.Event(), threading.Event()
+    tid: list[int] = []
+
+    def park() -> None:
+        tid.append(threading.get_native_id())
+        ready.set()
+        done.wait()
+
+    t = threading.Thread(target=park)
+    t.start()
+    ready.wait()
+    try:
+        with open(f"/proc/self/task/{tid[0]}/comm", "w") as f:
+            f.write("x) S (y")                  # parsing must use the last ')'
+        pid = os.getpid()
+        assert procfs.thread_state(pid, tid[0]) == procfs.stat(pid, tid[0]).state == "S"
+        assert procfs.thread_state(pid, threading.get_native_id()) == "R"
+    finally:
+        done.set()
+        t.join()
+    import pytest
+    with pytest.raises(ProcessGone):
+        procfs.thread_state(os.getpid(), tid[0])     # the thread is gone
