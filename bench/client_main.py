@@ -26,6 +26,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--chunk-bytes", type=int, default=0)
     p.add_argument("--mode", default="full")
+    p.add_argument("--compression", default="none", choices=("none", "zstd"),
+                   help="CaptureOptions.compression (on the wire)")
     p.add_argument("--mallopt", action="store_true", help="(the default now; kept for old runs)")
     p.add_argument("--no-mallopt", action="store_true",
                    help="do not let write_full_core raise glibc's malloc thresholds")
@@ -60,7 +62,8 @@ def main(argv: list[str]) -> int:
     try:
         if args.legacy:
             legacy_client(channel)
-        with open_capture(channel, args.pid, chunk_bytes=args.chunk_bytes, mode=args.mode) as core:
+        with open_capture(channel, args.pid, chunk_bytes=args.chunk_bytes, mode=args.mode,
+                          compression=args.compression) as core:
             t_open = time.monotonic()
             if args.mode == "full" and args.legacy:
                 legacy_write_full_core(core, args.out)
@@ -77,7 +80,8 @@ def main(argv: list[str]) -> int:
     json.dump({
         "wall_s": t1 - t0, "open_s": t_open - t0, "written_s": t_written - t0,
         "close_s": t1 - t_close, "client_cpu_s": time.process_time() - cpu0,
-        "wire_bytes": stats.data_bytes, "hole_bytes": stats.hole_bytes,
+        "wire_bytes": stats.wire_bytes or stats.data_bytes, "data_bytes": stats.data_bytes,
+        "hole_bytes": stats.hole_bytes,
         "messages": stats.messages, "requests": stats.requests,
         "freeze_s": lay.freeze_micros / 1e6, "threads": len(lay.threads),
         "threads_frozen": sum(1 for t in lay.threads if t.frozen),

@@ -87,7 +87,8 @@ def _dump(args: argparse.Namespace) -> int:
     with open_capture(args.agent, args.pid, tls=_tls(args), start_time=args.start_time,
                       mode=args.only,
                       freeze_timeout_ms=args.freeze_timeout_ms,
-                      stack_bytes=args.stack_bytes, snapshot=args.snapshot) as core:
+                      stack_bytes=args.stack_bytes, snapshot=args.snapshot,
+                      compression=args.wire_compression) as core:
         lay = core.layout
         if args.snapshot and not args.quiet:
             print(f"snapshot: target thawed after the clone, memory served from it "
@@ -111,7 +112,10 @@ def _dump(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(f"wrote {out}: {lay.total_size if args.only == 'full' else out.stat().st_size} "
               f"bytes core of pid {lay.pid} ({lay.comm}, {lay.arch}, {len(lay.threads)} threads), "
-              f"{stats.data_bytes} bytes transferred, {stats.hole_bytes} bytes of holes, "
+              f"{stats.data_bytes} bytes transferred"
+              + (f" ({stats.wire_bytes} compressed)" if stats.wire_bytes != stats.data_bytes
+                 else "")
+              + f", {stats.hole_bytes} bytes of holes, "
               + (f"snapshot served for {elapsed:.3f} s" if lay.snapshot
                  else f"frozen for {elapsed:.3f} s"), file=sys.stderr)
         if unfrozen:
@@ -206,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--snapshot", action="store_true",
                    help="freeze the target only while a copy-on-write clone of it is made, "
                    "then read memory from the clone (falls back to a live capture)")
+    d.add_argument("--wire-compression", choices=("none", "zstd"), default="none",
+                   help="compress memory on the wire (for slow links; costs agent CPU, "
+                   "see docs/performance.md)")
     d.set_defaults(func=_dump)
 
     n = sub.add_parser("notes", help="summarise threads, registers and mappings")
@@ -248,7 +255,8 @@ def _collect(args: argparse.Namespace) -> int:
     show = sys.stderr.isatty() and not args.quiet and not args.no_progress
     cfg = CollectConfig(endpoints=endpoints, selection=selection, mode=args.only,
                         out=args.out or "", compress=args.compress,
-                        compress_level=args.compress_level, concurrency=args.concurrency,
+                        compress_level=args.compress_level,
+                        wire_compression=args.wire_compression, concurrency=args.concurrency,
                         per_host=args.per_host, retries=args.retries,
                         list_timeout=args.timeout, freeze_timeout_ms=args.freeze_timeout_ms,
                         stack_bytes=args.stack_bytes, tls=_tls(args),
@@ -302,6 +310,8 @@ def _add_collect_parser(sub: argparse._SubParsersAction) -> None:  # type: ignor
                    "s3://bucket/prefix")
     c.add_argument("--compress", action="store_true", help="zstd-compress each core (.zst)")
     c.add_argument("--compress-level", type=int, default=3)
+    c.add_argument("--wire-compression", choices=("none", "zstd"), default="none",
+                   help="compress memory on the wire (for slow links; costs agent CPU)")
     c.add_argument("--s3-endpoint-url", help="S3-compatible endpoint (default: AWS, or "
                    "AWS_ENDPOINT_URL)")
     c.add_argument("--concurrency", type=int, default=8, help="captures at once (default 8)")

@@ -362,6 +362,7 @@ class CaptureRecord:
     time: str | None = None          # UTC start of the capture
     core_bytes: int | None = None    # size of the core file before compression
     compressed: bool = False
+    wire_bytes: int | None = None    # memory payload received (compressed on the wire)
     threads: int | None = None
     unfrozen_threads: list[int] | None = None
     freeze_micros: int | None = None   # the agent's time to stop every thread
@@ -814,6 +815,7 @@ class CollectConfig:
     out: str = ""                         # directory or s3://bucket/prefix
     compress: bool = False
     compress_level: int = 3
+    wire_compression: str = "none"        # CaptureOptions.compression: "none" or "zstd"
     concurrency: int = 8
     per_host: int = 2
     retries: int = 3
@@ -971,7 +973,8 @@ class Collector:
                 channel = self.channels.get(m.agent)
                 with RemoteCore(channel, m.pid, start_time=m.start_time,
                                 mode=cfg.mode, freeze_timeout_ms=cfg.freeze_timeout_ms,
-                                stack_bytes=cfg.stack_bytes) as core:
+                                stack_bytes=cfg.stack_bytes,
+                                compression=cfg.wire_compression) as core:
                     lay = core.layout
                     rec.comm, rec.exe = lay.comm or m.comm, lay.exe or m.exe
                     rec.threads = len(lay.threads)
@@ -983,6 +986,7 @@ class Collector:
                     else:
                         write_partial_core(core, scratch, stack_bytes=cfg.stack_bytes)
                         self.progress.received(m.agent, core.stats.data_bytes)
+                    rec.wire_bytes = core.stats.wire_bytes
                 rec.seconds = time.monotonic() - t0      # closed: the target is thawed
                 rec.core_bytes = scratch.stat().st_size
                 t1 = time.monotonic()

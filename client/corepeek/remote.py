@@ -25,11 +25,15 @@ from google.protobuf.message import DecodeError
 
 from .channel import TLSOptions, open_channel
 from .errors import CaptureError
+from .inflate import Inflate, zstd_inflater
 from .ranges import merge_ranges
 from .v1 import capture_pb2 as pb
 
 MODES = {"full": pb.CAPTURE_MODE_FULL, "stacks": pb.CAPTURE_MODE_STACKS,
          "notes": pb.CAPTURE_MODE_NOTES}
+COMPRESSIONS = {"none": pb.COMPRESSION_NONE, "zstd": pb.COMPRESSION_ZSTD}
+# Largest chunk the agent may send (its MAX_CHUNK) when the layout names none.
+_MAX_CHUNK = 3 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -50,9 +54,10 @@ class TransferStats:
     """What crossed the wire for one capture (payload bytes, not framing)."""
 
     requests: int = 0
-    data_bytes: int = 0
+    data_bytes: int = 0             # core bytes received as data (decompressed)
     hole_bytes: int = 0
     messages: int = 0
+    wire_bytes: int = 0             # data payload as it crossed the wire (compressed)
     _ranges: list[tuple[int, int]] = field(default_factory=list, repr=False)
 
     def record(self, offset: int, length: int) -> None:
@@ -93,6 +98,7 @@ class ChunkFields(NamedTuple):
     hole: int
     last: bool
     extents: tuple[int, ...]          # flat (start, length) pairs of a packed chunk
+    raw_length: int = 0               # data is compressed; this long decompressed
 
 
 def parse_chunk(raw: bytes) -> ChunkFields | None:
@@ -107,7 +113,7 @@ def parse_chunk(raw: bytes) -> ChunkFields | None:
         n, i = _varint(raw, 1)
         if i + n != len(raw):
             return None
-        rid = offset = hole = start = end = 0
+        rid = offset = hole = start = end = raw_length = 0
         last = False
         extents: list[int] = []
         while i < len(raw):
@@ -122,7 +128,8 @@ def parse_chunk(raw: bytes) -> ChunkFields | None:
                 while i < stop:
                     value, i = _varint(raw, i)
                     extents.append(value)
-            elif tag in (0x08, 0x18, 0x20, 0x28, 0x30):  # offset, hole, request_id, last, extent
+            elif tag in (0x08, 0x18, 0x20, 0x28, 0x30, 0x38):
+                # offset, hole, request_id, last, an unpacked extent, raw_length
                 value, i = _varint(raw, i)
                 if tag == 0x08:
                     offset = value
@@ -132,6 +139,8 @@ def parse_chunk(raw: bytes) -> ChunkFields | None:
                     rid = value
                 elif tag == 0x28:
                     last = bool(value)
+                elif tag == 0x38:
+                    raw_length = value
                 else:
                     extents.append(value)
             else:
@@ -140,7 +149,7 @@ def parse_chunk(raw: bytes) -> ChunkFields | None:
             return None
     except (IndexError, ValueError):
         return None
-    return ChunkFields(rid, offset, start, end, hole, last, tuple(extents))
+    return ChunkFields(rid, offset, start, end, hole, last, tuple(extents), raw_length)
 
 
 def _decode_response(raw: bytes) -> pb.CaptureResponse:
@@ -150,9 +159,11 @@ def _decode_response(raw: bytes) -> pb.CaptureResponse:
         raise CaptureError("protocol error: the agent sent an undecodable message") from None
 
 
-def _chunk_pieces(raw: bytes, views: bool) -> tuple[int, bool, list[Piece]]:
-    """(request_id, last, pieces) of a chunk response; a packed chunk becomes
-    its data extents and the holes between them."""
+def _chunk_pieces(raw: bytes, views: bool,
+                  inflate: Inflate | None = None) -> tuple[int, bool, list[Piece], int]:
+    """(request_id, last, pieces, payload bytes on the wire) of a chunk
+    response; a packed chunk becomes its data extents and the holes between
+    them, a compressed one is inflated first."""
     fields = parse_chunk(raw)
     if fields is None:
         resp = _decode_response(raw)
@@ -161,13 +172,21 @@ def _chunk_pieces(raw: bytes, views: bool) -> tuple[int, bool, list[Piece]]:
         c = resp.chunk
         raw = c.data
         fields = ChunkFields(c.request_id, c.offset, 0, len(raw), c.hole_length, c.last,
-                             tuple(c.extents))
-    rid, offset, start, end, hole, last, extents = fields
+                             tuple(c.extents), c.raw_length)
+    rid, offset, start, end, hole, last, extents, raw_length = fields
+    wire = end - start
     buf: bytes | memoryview = memoryview(raw) if views else raw
+    if raw_length:
+        if inflate is None:
+            raise CaptureError("protocol error: a compressed chunk that was not asked for")
+        buf = inflate(buf[start:end], raw_length)
+        start, end = 0, len(buf)
+        if views:
+            buf = memoryview(buf)
     if not extents:
         if end > start:
-            return rid, last, [Piece(offset, buf[start:end])]
-        return rid, last, [Piece(offset, None, hole)] if hole else []
+            return rid, last, [Piece(offset, buf[start:end])], wire
+        return rid, last, ([Piece(offset, None, hole)] if hole else []), wire
     pieces: list[Piece] = []
     pos = data = 0
     for i in range(0, len(extents), 2):
@@ -178,7 +197,7 @@ def _chunk_pieces(raw: bytes, views: bool) -> tuple[int, bool, list[Piece]]:
             pieces.append(Piece(offset + pos, None, at - pos))
         pieces.append(Piece(offset + at, buf[start + data:start + data + n]))
         pos, data = at + n, data + n
-    return rid, last, pieces
+    return rid, last, pieces, wire
 
 
 class RemoteCore:
@@ -187,9 +206,11 @@ class RemoteCore:
     def __init__(self, channel: grpc.Channel, pid: int, *, start_time: int = 0,
                  mode: str = "full", freeze_timeout_ms: int = 0, chunk_bytes: int = 0,
                  stack_bytes: int = 0, snapshot: bool = False, own_channel: bool = False,
-                 metadata: tuple[tuple[str, str], ...] = ()) -> None:
+                 metadata: tuple[tuple[str, str], ...] = (), compression: str = "none") -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {sorted(MODES)}")
+        if compression not in COMPRESSIONS:
+            raise ValueError(f"compression must be one of {sorted(COMPRESSIONS)}")
         self._channel = channel
         self._own_channel = own_channel
         self._requests: queue.Queue[pb.CaptureRequest | None] = queue.Queue()
@@ -199,7 +220,8 @@ class RemoteCore:
         self._closed = False
         opts = pb.CaptureOptions(mode=MODES[mode], freeze_timeout_ms=freeze_timeout_ms,
                                  max_chunk_bytes=chunk_bytes, stack_bytes_per_thread=stack_bytes,
-                                 snapshot=snapshot, packed_chunks=True)
+                                 snapshot=snapshot, packed_chunks=True,
+                                 compression=COMPRESSIONS[compression])
         self._requests.put(pb.CaptureRequest(open=pb.OpenCapture(
             pid=pid, start_time=start_time, options=opts)))
         # Responses arrive undecoded: chunks are parsed by parse_chunk (their
@@ -221,6 +243,11 @@ class RemoteCore:
             self.close()
             raise CaptureError("protocol error: the agent did not answer with a layout")
         self.layout: pb.CoreLayout = first.layout
+        # Only what the agent said it would send is decoded (the agent may
+        # decline compression; it may not start it unasked).
+        self._inflate: Inflate | None = None
+        if self.layout.compression == pb.COMPRESSION_ZSTD and compression == "zstd":
+            self._inflate = zstd_inflater(self.layout.max_chunk_bytes or _MAX_CHUNK)
         self.file = RemoteCoreFile(self)
 
     # -- reading -------------------------------------------------------------
@@ -271,7 +298,7 @@ class RemoteCore:
                     except grpc.RpcError as exc:
                         raise CaptureError.from_rpc(exc, f"read of [{offset}, +{length})") from None
                     self.stats.messages += 1
-                    got_rid, last, pieces = _chunk_pieces(raw, views)
+                    got_rid, last, pieces, wire = _chunk_pieces(raw, views, self._inflate)
                     if got_rid != rid:
                         if got_rid in self._stale:          # left over by an abandoned read
                             if last:
@@ -279,6 +306,7 @@ class RemoteCore:
                             continue
                         raise CaptureError(f"protocol error: chunk for request "
                                            f"{got_rid}, expected {rid}")
+                    self.stats.wire_bytes += wire
                     for piece in pieces:
                         if piece.data is not None:
                             self.stats.data_bytes += len(piece.data)

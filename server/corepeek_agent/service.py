@@ -16,6 +16,7 @@ from corepeek.v1 import capture_pb2 as pb
 from corepeek.v1 import capture_pb2_grpc as pb_grpc
 
 from .authz import CaptureGuard, Guard
+from .compress import ChunkCompressor
 from .errors import CorepeekError, InvalidRequest, as_corepeek_error
 from .listing import list_processes
 from .policy import local_default_policy
@@ -67,6 +68,15 @@ def session_options(opts: pb.CaptureOptions, config: AgentConfig) -> SessionOpti
         packed=opts.packed_chunks)
 
 
+def chunk_compressor(opts: pb.CaptureOptions) -> ChunkCompressor | None:
+    """The session's compressor for the client's ``compression`` (None: none)."""
+    if opts.compression == pb.COMPRESSION_NONE:
+        return None
+    if opts.compression == pb.COMPRESSION_ZSTD:
+        return ChunkCompressor()
+    raise InvalidRequest(f"unknown compression {opts.compression}")
+
+
 def layout_message(s: CaptureSession) -> pb.CoreLayout:
     lay, fr = s.layout, s.freeze
     assert lay is not None and fr is not None
@@ -113,6 +123,7 @@ _CHUNK_HOLE = 0x18              # CoreChunk.hole_length: field 3, varint
 _CHUNK_REQUEST = 0x20           # CoreChunk.request_id: field 4, varint
 _CHUNK_LAST = b"\x28\x01"       # CoreChunk.last = true: field 5, varint
 _CHUNK_EXTENTS = 0x32           # CoreChunk.extents: field 6, packed varints
+_CHUNK_RAW_LENGTH = 0x38        # CoreChunk.raw_length: field 7, varint
 
 
 def _varint(value: int) -> bytes:
@@ -125,8 +136,10 @@ def _varint(value: int) -> bytes:
 
 
 def _chunk_fields(offset: int, request_id: int, last: bool,
-                  extents: Sequence[tuple[int, int]] = ()) -> bytes:
+                  extents: Sequence[tuple[int, int]] = (), raw_length: int = 0) -> bytes:
     fields = bytes([_CHUNK_OFFSET]) + _varint(offset) if offset else b""
+    if raw_length:
+        fields += bytes([_CHUNK_RAW_LENGTH]) + _varint(raw_length)
     if request_id:
         fields += bytes([_CHUNK_REQUEST]) + _varint(request_id)
     if last:
@@ -138,18 +151,20 @@ def _chunk_fields(offset: int, request_id: int, last: bool,
 
 
 def chunk_prefix(offset: int, request_id: int, last: bool, length: int,
-                 extents: Sequence[tuple[int, int]] = ()) -> bytes:
-    """Encoded CaptureResponse with a chunk whose ``length`` data bytes follow."""
-    inner = (_chunk_fields(offset, request_id, last, extents) + bytes([_CHUNK_DATA])
-             + _varint(length))
+                 extents: Sequence[tuple[int, int]] = (), raw_length: int = 0) -> bytes:
+    """Encoded CaptureResponse with a chunk whose ``length`` data bytes follow
+    (compressed ones if ``raw_length``)."""
+    inner = (_chunk_fields(offset, request_id, last, extents, raw_length)
+             + bytes([_CHUNK_DATA]) + _varint(length))
     return bytes([_RESPONSE_CHUNK]) + _varint(len(inner) + length) + inner
 
 
 def encode_chunk(offset: int, request_id: int, last: bool, data: bytes | None = None,
-                 hole: int = 0, extents: Sequence[tuple[int, int]] = ()) -> bytes:
+                 hole: int = 0, extents: Sequence[tuple[int, int]] = (),
+                 raw_length: int = 0) -> bytes:
     """Encoded CaptureResponse carrying one chunk (``data``, or a ``hole``)."""
     if data is not None:
-        return chunk_prefix(offset, request_id, last, len(data), extents) + data
+        return chunk_prefix(offset, request_id, last, len(data), extents, raw_length) + data
     inner = _chunk_fields(offset, request_id, last)
     if hole:
         inner += bytes([_CHUNK_HOLE]) + _varint(hole)
@@ -183,15 +198,23 @@ def add_capture_service(servicer: CoreCaptureServicer, server: grpc.Server) -> N
     servicer.raw_responses = True
 
 
-def _chunk_message(c: Chunk, request_id: int, last: bool,
-                   raw: bool = False) -> pb.CaptureResponse | bytes:
+def _chunk_message(c: Chunk, request_id: int, last: bool, raw: bool = False,
+                   compressor: ChunkCompressor | None = None) -> pb.CaptureResponse | bytes:
+    data, raw_length = c.data, 0
+    if data is not None and c.head:
+        if raw and compressor is None:
+            return data     # type: ignore[return-value]  # framed by the session read
+        data = data[c.head:]
+    if data and compressor is not None:
+        packed = compressor.compress(data)
+        if packed is not None:
+            data, raw_length = packed, len(data)
     if raw:
-        if c.head:
-            return c.data   # type: ignore[return-value]  # framed by the session read
-        return encode_chunk(c.offset, request_id, last, c.data, c.hole, c.extents)
-    chunk = pb.CoreChunk(offset=c.offset, request_id=request_id, last=last)
-    if c.data is not None:
-        chunk.data = c.data[c.head:] if c.head else c.data
+        return encode_chunk(c.offset, request_id, last, data, c.hole, c.extents, raw_length)
+    chunk = pb.CoreChunk(offset=c.offset, request_id=request_id, last=last,
+                         raw_length=raw_length)
+    if data is not None:
+        chunk.data = data
         chunk.extents.extend(v for pair in c.extents for v in pair)
     else:
         chunk.hole_length = c.hole
@@ -263,6 +286,7 @@ class CoreCaptureServicer(pb_grpc.CoreCaptureServiceServicer):
             if first.open.pid <= 0:
                 raise InvalidRequest(f"invalid pid {first.open.pid}")
             options = session_options(first.open.options, self.config)
+            compressor = chunk_compressor(first.open.options)
             guard.admit(first.open.pid, first.open.start_time, options.mode)
             session = CaptureSession(first.open.pid, start_time=first.open.start_time,
                                      options=options, on_expire=context.cancel, admit=guard)
@@ -275,9 +299,12 @@ class CoreCaptureServicer(pb_grpc.CoreCaptureServiceServicer):
                      session.id, session.pid, len(session.threads),
                      session.freeze.freeze_seconds * 1000 if session.freeze else 0,
                      session.layout.total_size if session.layout else 0)
-            yield pb.CaptureResponse(layout=layout_message(session))
+            layout = layout_message(session)
+            if compressor is not None:
+                layout.compression = pb.COMPRESSION_ZSTD
+            yield pb.CaptureResponse(layout=layout)
             for req in request_iterator:
-                yield from self._answer(session, req, guard)
+                yield from self._answer(session, req, guard, compressor)
         except CorepeekError as exc:
             guard.failed(exc.code, exc.details())
             context.abort(exc.code, exc.details())
@@ -307,8 +334,8 @@ class CoreCaptureServicer(pb_grpc.CoreCaptureServiceServicer):
                 stop_seconds=session.freeze.freeze_seconds if session and session.freeze else 0,
                 expired=bool(session and session.expired), active=context.is_active())
 
-    def _answer(self, session: CaptureSession, req: pb.CaptureRequest,
-                guard: CaptureGuard) -> Iterator[pb.CaptureResponse]:
+    def _answer(self, session: CaptureSession, req: pb.CaptureRequest, guard: CaptureGuard,
+                compressor: ChunkCompressor | None = None) -> Iterator[pb.CaptureResponse]:
         kind = req.WhichOneof("request")
         if kind == "open":
             raise InvalidRequest("this stream already opened a capture; open another stream")
@@ -330,13 +357,15 @@ class CoreCaptureServicer(pb_grpc.CoreCaptureServiceServicer):
 
         # One chunk is held back: the session checks the target is still alive
         # after its last read, and an error must come before the `last` chunk.
+        # Compressed chunks are framed after compression, not by the session.
+        framer = frame if raw and compressor is None else None
         prev: Chunk | None = None
-        with closing(session.read(r.offset, r.length, frame if raw else None)) as chunks:
+        with closing(session.read(r.offset, r.length, framer)) as chunks:
             for chunk in chunks:
                 if prev is not None:
-                    yield _chunk_message(prev, rid, last=False, raw=raw)
+                    yield _chunk_message(prev, rid, last=False, raw=raw, compressor=compressor)
                 _serve(guard, chunk)                  # budget, audit
                 session.bytes_served += chunk.length
                 prev = chunk
         yield _chunk_message(prev if prev is not None else Chunk(r.offset, b""),
-                             rid, last=True, raw=raw)
+                             rid, last=True, raw=raw, compressor=compressor)

@@ -76,11 +76,11 @@ def test_given_a_layout_or_unknown_fields_when_parsed_fast_then_none() -> None:
 
 def test_given_a_packed_chunk_when_split_then_extents_and_holes_come_out_in_order() -> None:
     raw = encode_chunk(1000, 4, True, b"AAABB", extents=[(2, 3), (10, 2)])
-    rid, last, pieces = _chunk_pieces(raw, views=False)
-    assert (rid, last) == (4, True)
+    rid, last, pieces, wire = _chunk_pieces(raw, views=False)
+    assert (rid, last, wire) == (4, True, 5)
     assert pieces == [Piece(1000, None, 2), Piece(1002, b"AAA"), Piece(1005, None, 5),
                       Piece(1010, b"BB")]
-    rid, last, pieces = _chunk_pieces(raw, views=True)
+    rid, last, pieces, _ = _chunk_pieces(raw, views=True)
     assert [bytes(p.data) if p.data is not None else p.hole for p in pieces] == [
         2, b"AAA", 5, b"BB"]
 
@@ -101,6 +101,70 @@ def test_given_chunks_when_messages_built_without_raw_then_protobuf_carries_the_
     packed = Chunk(8, b"ab", extents=((1, 1), (3, 1)))
     m = _chunk_message(packed, 5, True)
     assert list(m.chunk.extents) == [1, 1, 3, 1] and packed.length == 4
+
+
+# -- compressed chunks --------------------------------------------------------------------
+
+
+def _compressible(n: int) -> bytes:
+    return b"".join(i.to_bytes(8, "little") for i in range(n // 8))
+
+
+@pytest.mark.parametrize("raw", [True, False])
+def test_given_compression_when_a_chunk_is_sent_then_the_client_gets_the_same_bytes(
+        raw: bool) -> None:
+    from corepeek.inflate import zstd_inflater
+    from corepeek_agent.compress import ChunkCompressor
+    comp = ChunkCompressor()
+    data = _compressible(1 << 20)
+    msg = _chunk_message(Chunk(4096, data), 3, True, raw=raw, compressor=comp)
+    wire_msg = msg if raw else msg.SerializeToString()
+    assert len(wire_msg) < len(data) // 4
+    rid, last, pieces, wire = _chunk_pieces(wire_msg, views=raw,
+                                            inflate=zstd_inflater(1 << 20))
+    assert (rid, last) == (3, True) and wire < len(data) // 4
+    assert [(p.offset, bytes(p.data)) for p in pieces] == [(4096, data)]
+    assert comp.raw_bytes == len(data) and comp.sent_bytes == wire
+
+
+def test_given_a_compressed_packed_chunk_when_split_then_extents_index_the_inflated_bytes() -> None:
+    from corepeek.inflate import zstd_inflater
+    from corepeek_agent.compress import ChunkCompressor
+    a, b = _compressible(8192), b"\x07" * 4096
+    msg = _chunk_message(Chunk(0, a + b, extents=((4096, 8192), (20480, 4096))), 1, False,
+                         raw=True, compressor=ChunkCompressor())
+    _, _, pieces, _ = _chunk_pieces(msg, views=False, inflate=zstd_inflater(1 << 20))
+    assert pieces == [Piece(0, None, 4096), Piece(4096, a), Piece(12288, None, 8192),
+                      Piece(20480, b)]
+
+
+def test_given_incompressible_data_when_sent_with_compression_then_it_goes_raw() -> None:
+    import os
+    from corepeek_agent.compress import ChunkCompressor
+    data = os.urandom(1 << 20)
+    comp = ChunkCompressor()
+    msg = _chunk_message(Chunk(0, data), 1, True, raw=True, compressor=comp)
+    f = parse_chunk(msg)
+    assert f is not None and f.raw_length == 0 and msg[f.data_start:f.data_end] == data
+    assert comp.sent_bytes == comp.raw_bytes == len(data)
+
+
+def test_given_a_lying_compressed_chunk_when_received_then_it_is_a_protocol_error() -> None:
+    import zstandard
+    from corepeek.errors import CaptureError
+    from corepeek.inflate import zstd_inflater
+    inflate = zstd_inflater(1 << 20)
+    frame = zstandard.ZstdCompressor().compress(bytes(1 << 20))
+    bomb = zstandard.ZstdCompressor().compress(bytes(64 << 20))   # 64 MiB of zeros, ~2 KiB
+    with pytest.raises(CaptureError, match="declares"):
+        _chunk_pieces(encode_chunk(0, 1, True, frame, raw_length=4096), False, inflate)
+    with pytest.raises(CaptureError, match="exceeds"):
+        _chunk_pieces(encode_chunk(0, 1, True, bomb, raw_length=64 << 20), False, inflate)
+    with pytest.raises(CaptureError, match="bad compressed|declares"):
+        _chunk_pieces(encode_chunk(0, 1, True, b"not zstd at all", raw_length=10), False,
+                      inflate)
+    with pytest.raises(CaptureError, match="not asked for"):
+        _chunk_pieces(encode_chunk(0, 1, True, frame, raw_length=1 << 20), False, None)
 
 
 # -- packing sparse memory ----------------------------------------------------------------
