@@ -94,6 +94,8 @@ class CoreFileWriter:
         self._cur: _Stage | None = None
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
+        self._direct_ok = True              # cleared if the file system refuses a write
+        self._stats_lock = threading.Lock()
         if direct:
             self._open_direct(path, stage_count)
         else:
@@ -131,7 +133,7 @@ class CoreFileWriter:
         n = len(data)
         if n == 0:
             return
-        if self._dfd < 0 or n < self._min_piece or offset % DIRECT_ALIGN:
+        if self._dfd < 0 or not self._direct_ok or n < self._min_piece or offset % DIRECT_ALIGN:
             self._buffered(offset, data)
             return
         view = memoryview(data)
@@ -162,10 +164,11 @@ class CoreFileWriter:
             offset += take
             view = view[take:]
 
-    def _buffered(self, offset: int, data: bytes | memoryview) -> None:
+    def _buffered(self, offset: int, data: bytes | memoryview | mmap.mmap) -> None:
         pwrite_all(self._fd, data, offset)
-        self.stats.buffered_bytes += len(data)
-        self.stats.buffered_writes += 1
+        with self._stats_lock:
+            self.stats.buffered_bytes += len(data)
+            self.stats.buffered_writes += 1
 
     def _submit(self) -> None:
         if self._cur is not None:
@@ -189,9 +192,23 @@ class CoreFileWriter:
 
     def _write_stage(self, st: _Stage) -> None:
         with memoryview(st.buf) as whole:
+            if not self._direct_ok:
+                self._buffered(st.offset, whole[:st.length])
+                return
             pos, end = 0, st.length
             while pos < end:
-                n = os.pwrite(self._dfd, whole[pos:end], st.offset + pos)
+                try:
+                    n = os.pwrite(self._dfd, whole[pos:end], st.offset + pos)
+                except OSError as exc:
+                    # Some file systems (FUSE, NFS setups) accept O_DIRECT at
+                    # open and refuse the writes: use the page cache from now on.
+                    if exc.errno != errno.EINVAL:
+                        raise
+                    self._direct_ok = False
+                    self.stats.direct_fallback = "direct write refused: EINVAL"
+                    self.stats.direct_bytes += pos
+                    self._buffered(st.offset + pos, whole[pos:end])
+                    return
                 if n <= 0 or n % DIRECT_ALIGN:
                     raise OSError(errno.EIO, f"short direct write ({n} bytes)")
                 pos += n

@@ -180,3 +180,18 @@ def test_given_an_abandoned_writer_when_closed_then_threads_and_descriptors_are_
     assert set(os.listdir("/proc/self/fd")) <= before | set()
     import threading
     assert not [t for t in threading.enumerate() if t.name == "core-direct-writer"]
+
+
+def test_given_direct_writes_the_kernel_refuses_when_written_then_the_page_cache_takes_over(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # With an 8-byte "alignment", the writer sends O_DIRECT writes at offsets
+    # ext4 refuses (EINVAL), as some FUSE/NFS setups refuse every direct write.
+    import corepeek.diskwriter as dw
+    monkeypatch.setattr(dw, "DIRECT_ALIGN", 8)
+    size = 8 * MIB
+    pieces = [(8, MIB), (8 + MIB, MIB), (8 + 2 * MIB, 4 * MIB)]
+    out = tmp_path / "core"
+    stats = _write(out, size, pieces, stage_bytes=MIB, direct_min_piece=8, spill=False)
+    _check(out, size, pieces)
+    assert stats.direct_fallback == "direct write refused: EINVAL"
+    assert stats.direct_bytes == 0 and stats.buffered_bytes == 6 * MIB
