@@ -103,7 +103,8 @@ def parse_config(spec: str) -> dict:
     of bench/agent_main.py), ``sopt:KEY=VALUE`` (a gRPC server option of the
     agent), ``client-no-mallopt`` (the client keeps glibc's
     malloc defaults), ``opt:KEY=VALUE`` (a gRPC channel option), ``no-writer``
-    (the client writes from its receiving thread, no writer thread),
+    (the client writes from its receiving thread, no writer thread), ``writer``
+    (a writer thread even with direct I/O; by default only without),
     ``wpiece=BYTES`` (largest single buffered pwrite of the client),
     ``no-direct`` (the client writes through the page cache only, no O_DIRECT),
     ``no-spill`` (the client waits for a free staging buffer instead of writing
@@ -111,7 +112,7 @@ def parse_config(spec: str) -> dict:
     and client transfer code as before issue 7, commit c95ae15).
     """
     cfg: dict = {"name": spec, "chunk_bytes": 0, "variants": (), "mallopt": True,
-                 "options": (), "writer": True}
+                 "options": (), "writer": None}
     for item in filter(None, spec.split("+")):
         if item == "base":
             continue
@@ -119,6 +120,8 @@ def parse_config(spec: str) -> dict:
             cfg["mallopt"] = False
         elif item == "no-writer":
             cfg["writer"] = False
+        elif item == "writer":
+            cfg["writer"] = True
         elif item in ("no-direct", "no-spill"):
             cfg[item.replace("-", "_")] = True
         elif item == "legacy":           # the whole path before issue 7

@@ -33,6 +33,8 @@ def main(argv: list[str]) -> int:
                    help="do not let write_full_core raise glibc's malloc thresholds")
     p.add_argument("--option", action="append", default=[])
     p.add_argument("--no-writer-thread", action="store_true")
+    p.add_argument("--writer-thread", action="store_true",
+                   help="a writer thread even with direct I/O (default: only without)")
     p.add_argument("--write-piece", type=int, default=0, help="largest buffered pwrite (bytes)")
     p.add_argument("--no-direct", action="store_true", help="write through the page cache only")
     p.add_argument("--no-spill", action="store_true",
@@ -68,7 +70,9 @@ def main(argv: list[str]) -> int:
             if args.mode == "full" and args.legacy:
                 legacy_write_full_core(core, args.out)
             elif args.mode == "full":
-                write_full_core(core, args.out, writer_thread=not args.no_writer_thread,
+                write_full_core(core, args.out, writer_thread=(
+                                    False if args.no_writer_thread else
+                                    True if args.writer_thread else None),
                                 tune_malloc=not args.no_mallopt, direct=not args.no_direct,
                                 spill=not args.no_spill, stats=disk_stats)
             t_written = time.monotonic()

@@ -147,7 +147,7 @@ def capture_agent(agent: Agent, target: Target, out: Path, cfg: dict,
             "--pid", str(target.pid), "--out", str(out), "--chunk-bytes", str(cfg["chunk_bytes"]),
             "--mode", mode]
     argv += [] if cfg["mallopt"] else ["--no-mallopt"]
-    argv += [] if cfg.get("writer", True) else ["--no-writer-thread"]
+    argv += {True: ["--writer-thread"], False: ["--no-writer-thread"]}.get(cfg.get("writer"), [])
     argv += ["--write-piece", str(cfg["write_piece"])] if cfg.get("write_piece") else []
     argv += ["--legacy"] if cfg.get("legacy") else []
     argv += ["--no-direct"] if cfg.get("no_direct") or cfg.get("legacy") else []

@@ -27,16 +27,19 @@ WRITE_QUEUE = 8
 
 
 def write_full_core(core: RemoteCore, out: Path | str, progress: Progress | None = None,
-                    request_bytes: int = REQUEST_BYTES, writer_thread: bool = True,
+                    request_bytes: int = REQUEST_BYTES, writer_thread: bool | None = None,
                     tune_malloc: bool = True, direct: bool = True,
                     **writer_opts: Any) -> int:
     """Stream the whole core into ``out``; returns the core size.
 
     Holes are skipped and the file is extended with ftruncate, so untouched
-    memory takes no disk space.  A writer thread takes the received messages
-    (no copy) so that writing overlaps with receiving the next ones; large
-    aligned runs go to disk with direct I/O (:mod:`corepeek.diskwriter`,
-    ``direct=False`` keeps to the page cache).  ``tune_malloc`` raises glibc's
+    memory takes no disk space.  Large aligned runs go to disk with direct I/O
+    from a thread of their own (:mod:`corepeek.diskwriter`; ``direct=False``
+    keeps to the page cache).  Without direct I/O, a writer thread takes the
+    received messages (no copy) so that copying into the page cache overlaps
+    with receiving; with it, that thread only adds a hand-off per message
+    (``writer_thread=None`` chooses; bench: 0.88 against 0.94 s for 1 GiB).
+    ``tune_malloc`` raises glibc's
     mmap and trim thresholds for this process (see
     :func:`raise_malloc_thresholds`).
     """
@@ -45,6 +48,8 @@ def write_full_core(core: RemoteCore, out: Path | str, progress: Progress | None
     size = core.size
     ranges = ((start, min(request_bytes, size - start)) for start in range(0, size, request_bytes))
     with CoreFileWriter(out, direct=direct, **writer_opts) as disk:
+        if writer_thread is None:
+            writer_thread = not disk.direct
         writer = _Writer(disk.write) if writer_thread else None
         try:
             batch: list[tuple[int, bytes | memoryview]] = []

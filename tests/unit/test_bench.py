@@ -49,7 +49,7 @@ def test_given_values_when_formatted_then_units_are_readable():
 
 def test_given_config_specs_when_parsed_then_items_combine():
     assert bl.parse_config("base") == {"name": "base", "chunk_bytes": 0, "variants": (),
-                                       "mallopt": True, "options": (), "writer": True}
+                                       "mallopt": True, "options": (), "writer": None}
     cfg = bl.parse_config("chunk=3M+variant=prefetch+client-no-mallopt+opt:grpc.x=1+no-writer")
     assert cfg["chunk_bytes"] == 3 << 20 and cfg["variants"] == ("prefetch",)
     assert not cfg["mallopt"] and cfg["options"] == ("grpc.x=1",) and not cfg["writer"]
