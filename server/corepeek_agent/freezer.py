@@ -245,7 +245,13 @@ class Freezer:
             new = sorted(tids - threads.keys() - skipped)
             if not new:
                 quiet_rounds += 1
-                if quiet_rounds >= 2:
+                # A thread in ptrace-stop creates no threads, and one that was
+                # in clone() stopped only after its child joined the group,
+                # so once every seized thread has stopped one scan without
+                # newcomers is final; a thread that did not stop may still
+                # clone, so then a second one must agree.
+                settled = all(t.stopped or t.exited for t in threads.values())
+                if quiet_rounds >= (1 if settled else 2):
                     break
                 continue
             quiet_rounds = 0

@@ -114,21 +114,28 @@ def seccomp_filter(tid: int, index: int) -> bytes:
     return buf.raw[:count * 8]
 
 
-_regset_buffers = threading.local()     # one scratch buffer per tracer thread
+_regset_buffers = threading.local()     # one scratch buffer + iovec per tracer thread
 
 
 def getregset(tid: int, note_type: int, max_size: int = 1 << 16) -> bytes:
     """PTRACE_GETREGSET: the kernel shrinks iov_len to the set's real size.
 
-    The scratch buffer is reused (a freeze reads ~5 sets per thread; a fresh
-    64 KiB buffer each time cost most of a 200-thread freeze) and only the
-    returned length is copied out.
+    The scratch buffer and its iovec are reused (a freeze reads ~5 sets per
+    thread, 1,000 calls for 200 threads; a fresh 64 KiB buffer each time cost
+    most of such a freeze) and only the returned length is copied out.
     """
-    buf = getattr(_regset_buffers, "buf", None)
-    if buf is None or len(buf) < max_size:
-        buf = _regset_buffers.buf = ctypes.create_string_buffer(max_size)
-    iov = _Iovec(ctypes.addressof(buf), max_size)
-    _call(PTRACE_GETREGSET, tid, note_type, ctypes.addressof(iov))
+    scratch = getattr(_regset_buffers, "scratch", None)
+    if scratch is None or scratch[2] < max_size:
+        buf = ctypes.create_string_buffer(max_size)
+        iov = _Iovec(ctypes.addressof(buf), max_size)
+        scratch = _regset_buffers.scratch = (buf, iov, max_size, ctypes.addressof(iov))
+    buf, iov, _, iov_addr = scratch
+    iov.iov_len = max_size
+    try:
+        _raw_ptrace(PTRACE_GETREGSET, tid, note_type, iov_addr)
+    except PtraceError as exc:
+        raise OSError(exc.errno or errno.EIO, f"ptrace(GETREGSET, {tid}): "
+                      f"{os.strerror(exc.errno or errno.EIO)}") from None
     return ctypes.string_at(buf, iov.iov_len)
 
 
