@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import logging
 import socket
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing
 from dataclasses import dataclass
 
 import grpc
 from corepeek.v1 import capture_pb2 as pb
+from google.protobuf.message import DecodeError, Message
 from corepeek.v1 import capture_pb2_grpc as pb_grpc
 
 from .authz import CaptureGuard, Guard
@@ -171,6 +172,30 @@ def encode_chunk(offset: int, request_id: int, last: bool, data: bytes | None = 
     return bytes([_RESPONSE_CHUNK]) + _varint(len(inner)) + inner
 
 
+class Undecodable:
+    """A request that is not a valid protobuf message of its type.
+
+    gRPC answers INTERNAL ("Exception deserializing request!") when a
+    deserializer raises; the servicer turns this placeholder into
+    INVALID_ARGUMENT instead, before anything is frozen.
+    """
+
+    def __init__(self, kind: str, error: str) -> None:
+        self.kind, self.error = kind, error
+
+    def refuse(self) -> InvalidRequest:
+        return InvalidRequest(f"undecodable {self.kind}: {self.error}")
+
+
+def _tolerant_parser(cls: type[Message]) -> Callable[[bytes], Message | Undecodable]:
+    def parse(raw: bytes) -> Message | Undecodable:
+        try:
+            return cls.FromString(raw)
+        except DecodeError as exc:
+            return Undecodable(cls.DESCRIPTOR.name, str(exc) or "malformed message")
+    return parse
+
+
 def _serialize_response(msg: pb.CaptureResponse | bytes) -> bytes:
     """Capture's response serializer: pre-encoded chunks pass through."""
     return msg if type(msg) is bytes else msg.SerializeToString()
@@ -191,7 +216,10 @@ def add_capture_service(servicer: CoreCaptureServicer, server: grpc.Server) -> N
 
     pb_grpc.add_CoreCaptureServiceServicer_to_server(servicer, _Collect())
     handlers["Capture"] = handlers["Capture"]._replace(  # type: ignore[attr-defined]
-        response_serializer=_serialize_response)
+        response_serializer=_serialize_response,
+        request_deserializer=_tolerant_parser(pb.CaptureRequest))
+    handlers["ListProcesses"] = handlers["ListProcesses"]._replace(  # type: ignore[attr-defined]
+        request_deserializer=_tolerant_parser(pb.ListProcessesRequest))
     name = pb.DESCRIPTOR.services_by_name["CoreCaptureService"].full_name
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
     server.add_registered_method_handlers(name, handlers)
@@ -252,6 +280,8 @@ class CoreCaptureServicer(pb_grpc.CoreCaptureServiceServicer):
         listing = self.guard.begin_list(context)
         procs: list[pb.ProcessInfo] = []
         try:
+            if isinstance(request, Undecodable):
+                raise request.refuse()
             listing.check()
             if request.pid < 0:
                 raise InvalidRequest(f"invalid pid {request.pid}")
@@ -281,6 +311,8 @@ class CoreCaptureServicer(pb_grpc.CoreCaptureServiceServicer):
             if first is None:
                 guard.record.fail("empty", "OK", "the stream ended before `open`")
                 return
+            if isinstance(first, Undecodable):
+                raise first.refuse()
             if first.WhichOneof("request") != "open":
                 raise InvalidRequest("the first message of a capture must be `open`")
             if first.open.pid <= 0:
@@ -336,6 +368,8 @@ class CoreCaptureServicer(pb_grpc.CoreCaptureServiceServicer):
 
     def _answer(self, session: CaptureSession, req: pb.CaptureRequest, guard: CaptureGuard,
                 compressor: ChunkCompressor | None = None) -> Iterator[pb.CaptureResponse]:
+        if isinstance(req, Undecodable):
+            raise req.refuse()
         kind = req.WhichOneof("request")
         if kind == "open":
             raise InvalidRequest("this stream already opened a capture; open another stream")

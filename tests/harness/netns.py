@@ -35,7 +35,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -170,10 +170,17 @@ class Host:
 
     def start_agent(self, port: int, *extra: str,
                     credentials: grpc.ChannelCredentials | None = None,
-                    timeout: float = 30.0) -> str:
+                    timeout: float = 30.0,
+                    before_serving: Callable[[], object] | None = None) -> str:
         """Start ``corepeek agent --listen IP:PORT EXTRA...`` as pid 1 of a new pid,
         mount and UTS namespace inside this host; wait until its health check
-        (over TLS with ``credentials``) serves.  Returns its address."""
+        (over TLS with ``credentials``) serves.  Returns its address.
+
+        ``before_serving`` runs once the namespaces exist (the agent process has
+        exec'd Python) but before the agent can have answered anyone: a test
+        spawns targets there that a waiting client must find at its first
+        successful listing.
+        """
         if self.up:
             raise RuntimeError(f"{self.hostname}: agent already running")
         self.port = port
@@ -188,12 +195,30 @@ class Host:
                 stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         try:
             self.agent_pid = self._child_of(self.proc.pid, timeout=10)
+            if before_serving is not None:
+                self._wait_exec(self.agent_pid, timeout=10)
+                before_serving()
             wait_healthy(self.address(), self.proc, self.log_path, timeout=timeout,
                          credentials=credentials)
         except BaseException:
             self.stop_agent()
             raise
         return self.address()
+
+    @staticmethod
+    def _wait_exec(pid: int, timeout: float) -> None:
+        """Until ``pid`` runs this Python (``unshare`` mounted /proc and ``sh``
+        set the hostname before that exec); it has not imported grpc yet."""
+        deadline = time.monotonic() + timeout
+        want = os.path.realpath(sys.executable)
+        while time.monotonic() < deadline:
+            try:
+                if os.path.realpath(f"/proc/{pid}/exe") == want:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.005)
+        raise RuntimeError(f"agent {pid} did not exec {want} within {timeout}s")
 
     @staticmethod
     def _child_of(pid: int, timeout: float) -> int:

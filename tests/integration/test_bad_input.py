@@ -107,3 +107,39 @@ def test_second_capture_of_the_same_pid_is_aborted(agent, build, require_root) -
                 open_capture(agent.address, t.pid)
             assert exc.value.code == grpc.StatusCode.ABORTED
         assert_thawed_and_undisturbed(t)
+
+
+def _raw_capture(address: str, *frames: bytes) -> tuple[list[bytes], grpc.RpcError | None]:
+    """Capture with hand-made request bytes (no protobuf on this side)."""
+    with grpc.insecure_channel(address) as ch:
+        call = ch.stream_stream("/corepeek.v1.CoreCaptureService/Capture",
+                                request_serializer=None, response_deserializer=None)(
+            iter(frames), timeout=20)
+        got: list[bytes] = []
+        try:
+            for r in call:
+                got.append(r)
+        except grpc.RpcError as exc:
+            return got, exc
+        return got, None
+
+
+def test_undecodable_requests_are_invalid_argument_not_internal(agent, build,
+                                                               require_root) -> None:
+    garbage = b"\x0a\xff\xff\xff\xff\xff"        # field 1, length-delimited, length too large
+    _, err = _raw_capture(agent.address, garbage)
+    assert err is not None and err.code() == grpc.StatusCode.INVALID_ARGUMENT, err
+    assert "undecodable CaptureRequest" in (err.details() or "")
+    with grpc.insecure_channel(agent.address) as ch:
+        lister = ch.unary_unary("/corepeek.v1.CoreCaptureService/ListProcesses",
+                                request_serializer=None, response_deserializer=None)
+        with pytest.raises(grpc.RpcError) as exc:
+            lister(garbage, timeout=20)
+    assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    # Garbage after a good `open`: the session is refused mid-stream and thawed.
+    with Target(build("threads")) as t:
+        good = pb.CaptureRequest(open=pb.OpenCapture(pid=t.pid)).SerializeToString()
+        got, err = _raw_capture(agent.address, good, garbage)
+        assert len(got) == 1 and pb.CaptureResponse.FromString(got[0]).HasField("layout")
+        assert err is not None and err.code() == grpc.StatusCode.INVALID_ARGUMENT, err
+        assert_thawed_and_undisturbed(t)

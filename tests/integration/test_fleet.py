@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 
@@ -93,14 +93,15 @@ def client_credentials(ca: CA, pair: KeyPair) -> grpc.ChannelCredentials:
 
 
 def start_host_agent(host: netns.Host, ca: CA, client: KeyPair, policy: Path,
-                     *extra: str) -> str:
+                     *extra: str, before_serving: Callable[[], object] | None = None) -> str:
     server = ca.issue(f"agent-{host.hostname}-{time.monotonic_ns()}", ips=(host.ip,),
                       server=True)
     audit = host.tmp / f"audit-{host.hostname}.jsonl"
     return host.start_agent(AGENT_PORT, "--tls-cert", str(server.cert), "--tls-key",
                             str(server.key), "--tls-ca", str(ca.path), "--policy", str(policy),
                             "--audit-log", str(audit), *extra,
-                            credentials=client_credentials(ca, client))
+                            credentials=client_credentials(ca, client),
+                            before_serving=before_serving)
 
 
 @pytest.fixture
@@ -228,8 +229,13 @@ def test_collect_retries_an_agent_that_comes_up_late(fleet: netns.Fleet, ca: CA,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
     try:
         time.sleep(0.8)
-        start_host_agent(host, ca, client_pair, policy)
-        t = host.spawn(threads)
+        # The target exists before the agent can answer: collect's first
+        # successful listing must find it (spawned after, a retry could list
+        # an empty host in between).
+        spawned: list[Target] = []
+        start_host_agent(host, ca, client_pair, policy,
+                         before_serving=lambda: spawned.append(host.spawn(threads)))
+        t = spawned[0]
         _, stderr = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:

@@ -62,6 +62,10 @@ def test_given_a_thread_with_a_tricky_name_when_its_state_is_read_then_it_matche
     finally:
         done.set()
         t.join()
+    import subprocess
+
     import pytest
+    child = subprocess.Popen(["true"])
+    child.wait()                                # reaped: its pid names no task any more
     with pytest.raises(ProcessGone):
-        procfs.thread_state(os.getpid(), tid[0])     # the thread is gone
+        procfs.thread_state(child.pid, child.pid)
