@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import queue
 import subprocess
+from collections.abc import Iterator
+from typing import TypeVar
 
 import grpc
 import pytest
@@ -15,17 +17,23 @@ from corepeek.v1 import capture_pb2_grpc as pb_grpc
 from harness.checks import assert_thawed_and_undisturbed
 from harness.targets import Target
 
+T = TypeVar("T")
+
+
+def _drain(call: Iterator[T]) -> tuple[list[T], grpc.RpcError | None]:
+    """Every response of a streaming call, and the error that ended it (if any)."""
+    got: list[T] = []
+    try:
+        for r in call:
+            got.append(r)
+    except grpc.RpcError as exc:
+        return got, exc
+    return got, None
+
 
 def _stream(address: str, *requests: pb.CaptureRequest) -> tuple[list[pb.CaptureResponse], grpc.RpcError | None]:
     with grpc.insecure_channel(address) as ch:
-        call = pb_grpc.CoreCaptureServiceStub(ch).Capture(iter(requests), timeout=20)
-        got = []
-        try:
-            for r in call:
-                got.append(r)
-        except grpc.RpcError as exc:
-            return got, exc
-        return got, None
+        return _drain(pb_grpc.CoreCaptureServiceStub(ch).Capture(iter(requests), timeout=20))
 
 
 def _free_pid() -> int:
@@ -112,16 +120,9 @@ def test_second_capture_of_the_same_pid_is_aborted(agent, build, require_root) -
 def _raw_capture(address: str, *frames: bytes) -> tuple[list[bytes], grpc.RpcError | None]:
     """Capture with hand-made request bytes (no protobuf on this side)."""
     with grpc.insecure_channel(address) as ch:
-        call = ch.stream_stream("/corepeek.v1.CoreCaptureService/Capture",
-                                request_serializer=None, response_deserializer=None)(
-            iter(frames), timeout=20)
-        got: list[bytes] = []
-        try:
-            for r in call:
-                got.append(r)
-        except grpc.RpcError as exc:
-            return got, exc
-        return got, None
+        return _drain(ch.stream_stream("/corepeek.v1.CoreCaptureService/Capture",
+                                       request_serializer=None, response_deserializer=None)(
+            iter(frames), timeout=20))
 
 
 def test_undecodable_requests_are_invalid_argument_not_internal(agent, build,
