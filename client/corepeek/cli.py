@@ -94,6 +94,7 @@ def _dump(args: argparse.Namespace) -> int:
             print(f"snapshot: target thawed after the clone, memory served from it "
                   f"({sum(1 for s in lay.segments if s.read_after_thaw)} segments read "
                   "after the thaw)" if lay.snapshot else
+                  f"snapshot: {lay.snapshot_status}" if args.only == "notes" else
                   f"warning: {lay.snapshot_status or 'snapshot not taken'}", file=sys.stderr)
         unfrozen = [t.tid for t in lay.threads if not t.frozen]
         bar = _progress_bar(lay.total_size if args.only == "full" else 0,
@@ -117,6 +118,8 @@ def _dump(args: argparse.Namespace) -> int:
                  else "")
               + f", {stats.hole_bytes} bytes of holes, "
               + (f"snapshot served for {elapsed:.3f} s" if lay.snapshot
+                 else "target thawed as soon as the notes were built (stopping its threads "
+                      f"took {lay.freeze_micros / 1000:.1f} ms)" if args.only == "notes"
                  else f"frozen for {elapsed:.3f} s"), file=sys.stderr)
         if unfrozen:
             print(f"warning: threads {unfrozen} did not stop in time; their registers are "

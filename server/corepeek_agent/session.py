@@ -172,6 +172,14 @@ class CaptureSession:
         if self._admit is not None:
             self._admit(self.pid, self._pidfd)
         self._build(self.freeze)
+        if self.options.mode == MODE_NOTES:
+            # Everything a notes capture may read (headers and notes) was
+            # built while frozen: the target need not wait for the client.
+            if self.options.snapshot:
+                self.snapshot_status = ("not needed: a notes capture reads no memory, and the "
+                                        "target is thawed as soon as the notes are built")
+            self._freezer.thaw()
+            return
         if self.options.snapshot:
             self._take_snapshot()
 
@@ -438,8 +446,8 @@ class CaptureSession:
         """How long the target has been (or was) frozen."""
         if not self.opened_at:
             return 0.0
-        if self.snapshot is not None and self._freezer is not None:
-            return self._freezer.target_detached_at - self.opened_at
+        if self._freezer is not None and self._freezer.target_detached_at:
+            return self._freezer.target_detached_at - self.opened_at   # thawed already
         return time.monotonic() - self.opened_at
 
     def thaw(self) -> None:

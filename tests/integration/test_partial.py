@@ -150,6 +150,20 @@ def test_a_notes_session_is_refused_memory(agent, threads_target: Target) -> Non
     assert_thawed_and_undisturbed(t)
 
 
+def test_a_notes_session_thaws_the_target_before_the_client_reads(agent, build,
+                                                                   require_root) -> None:
+    with Target(build("threads")) as t:
+        with open_capture(agent.address, t.pid, mode="notes", snapshot=True) as core:
+            # the stream is still open, the client has read nothing yet: the
+            # target already runs untraced, and nothing was cloned for it
+            assert_thawed_and_undisturbed(t)
+            assert not core.layout.snapshot and "not needed" in core.layout.snapshot_status
+            notes = core.read_bytes(core.layout.notes.offset, core.layout.notes.length)
+            assert len(notes) == core.layout.notes.length
+            assert all(th.frozen for th in core.layout.threads)
+        assert_thawed_and_undisturbed(t)
+
+
 # -- stacks ---------------------------------------------------------------------------------
 
 
