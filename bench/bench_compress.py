@@ -36,13 +36,10 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-CODE_PATH = [str(ROOT / "client"), str(ROOT / "server")]
-sys.path[:0] = [str(HERE), str(ROOT / "tests"), *CODE_PATH]
-os.environ["PYTHONPATH"] = os.pathsep.join(
-    CODE_PATH + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
-
 import benchlib as bl  # noqa: E402
+
+bl.use_this_checkout()      # this checkout's code, in the agent and client subprocesses too
+
 from harness.agents import stop_process  # noqa: E402
 
 CLK = os.sysconf("SC_CLK_TCK")

@@ -5,10 +5,24 @@ Kept free of I/O so tests/unit/test_bench.py can check them.
 
 from __future__ import annotations
 
+import os
 import statistics
+import sys
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 
 MIB = 1024 * 1024
+
+
+def use_this_checkout() -> None:
+    """Import this checkout's ``client/`` and ``server/`` (and the test
+    harness), here and in every subprocess (through PYTHONPATH), whatever an
+    editable install elsewhere (a CI clone) points at."""
+    root = Path(__file__).resolve().parent.parent
+    code = [str(root / "client"), str(root / "server")]
+    sys.path[:0] = [str(root / "tests"), *code]
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        code + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
 
 
 def median(values: Iterable[float | None]) -> float | None:

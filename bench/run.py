@@ -66,16 +66,12 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-# This checkout's code, whatever an editable install elsewhere points at; the
-# agent and client subprocesses get the same through PYTHONPATH.
-CODE_PATH = [str(ROOT / "client"), str(ROOT / "server")]
-sys.path[:0] = [str(HERE), str(ROOT / "tests"), *CODE_PATH]
-os.environ["PYTHONPATH"] = os.pathsep.join(
-    CODE_PATH + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+import benchlib as bl  # noqa: E402
+
+bl.use_this_checkout()      # this checkout's code, in the agent and client subprocesses too
 
 import grpc  # noqa: E402
 
-import benchlib as bl  # noqa: E402
 import corepeek  # noqa: E402
 import corepeek_agent  # noqa: E402
 from harness.agents import stop_process, wait_healthy  # noqa: E402
