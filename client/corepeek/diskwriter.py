@@ -24,7 +24,7 @@ import mmap
 import os
 import queue
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 # Alignment of direct writes: offsets, lengths and buffers.  4 KiB satisfies
 # every block device's logical block size and ext4/xfs block sizes on x86.
@@ -67,7 +67,6 @@ class _Stage:
     buf: mmap.mmap
     offset: int = 0
     length: int = 0
-    done: threading.Event = field(default_factory=threading.Event)
 
 
 class CoreFileWriter:

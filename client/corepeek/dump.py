@@ -7,10 +7,10 @@ import ctypes.util
 import queue
 import threading
 from collections.abc import Callable
-from typing import Any
 from pathlib import Path
+from typing import Any
 
-from .diskwriter import CoreFileWriter, pwrite_all  # noqa: F401 - pwrite_all re-exported
+from .diskwriter import CoreFileWriter
 from .remote import RemoteCore
 
 Progress = Callable[[int], None]
@@ -38,10 +38,9 @@ def write_full_core(core: RemoteCore, out: Path | str, progress: Progress | None
     keeps to the page cache).  Without direct I/O, a writer thread takes the
     received messages (no copy) so that copying into the page cache overlaps
     with receiving; with it, that thread only adds a hand-off per message
-    (``writer_thread=None`` chooses; bench: 0.88 against 0.94 s for 1 GiB).
-    ``tune_malloc`` raises glibc's
-    mmap and trim thresholds for this process (see
-    :func:`raise_malloc_thresholds`).
+    (``writer_thread=None`` chooses; bench: 0.88 against 1.02 s for 1 GiB).
+    ``tune_malloc`` raises glibc's mmap and trim thresholds for this process
+    (see :func:`raise_malloc_thresholds`).
     """
     if tune_malloc:
         raise_malloc_thresholds()
