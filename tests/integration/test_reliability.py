@@ -158,6 +158,18 @@ def _traced_threads(pid: int) -> list[int]:
     return traced
 
 
+def _exec_generation(pid: int, timeout: float = 2.0) -> int:
+    """exec_loop's argv[1]; /proc/PID/cmdline reads empty while an execve
+    replaces the memory it lives in, so read again until it is there."""
+    deadline = time.monotonic() + timeout
+    while True:
+        args = open(f"/proc/{pid}/cmdline").read().split("\0")
+        if len(args) > 1 and args[1].isdigit():
+            return int(args[1])
+        assert time.monotonic() < deadline, f"no generation in {args!r}"
+        time.sleep(0.001)
+
+
 def test_target_that_keeps_calling_exec(agent, build) -> None:
     exe = build("exec_loop")
     proc = subprocess.Popen([str(exe), "0"])
@@ -175,9 +187,9 @@ def test_target_that_keeps_calling_exec(agent, build) -> None:
                                     grpc.StatusCode.ABORTED), exc
                 outcomes[exc.code.name] = outcomes.get(exc.code.name, 0) + 1
             assert not _traced_threads(proc.pid)
-        gen1 = int(open(f"/proc/{proc.pid}/cmdline").read().split("\0")[1])
+        gen1 = _exec_generation(proc.pid)
         time.sleep(0.3)
-        gen2 = int(open(f"/proc/{proc.pid}/cmdline").read().split("\0")[1])
+        gen2 = _exec_generation(proc.pid)
         assert gen2 > gen1, "the target stopped re-executing"
         assert outcomes.get("ok", 0) >= 10, outcomes
     finally:
