@@ -90,25 +90,19 @@ class ShapedNetns:
         subprocess.run(["ip", "netns", "del", self.name], capture_output=True)
 
 
-HEALTH = ("import grpc, sys\n"
-          "from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as hg\n"
-          "with grpc.insecure_channel(sys.argv[1]) as ch:\n"
-          "    r = hg.HealthStub(ch).Check(h.HealthCheckRequest(), timeout=2)\n"
-          "sys.exit(0 if r.status == h.HealthCheckResponse.SERVING else 1)\n")
-
-
 def wait_ready(ns: ShapedNetns, address: str, agent: subprocess.Popen[bytes], log: Path,
                timeout: float = 30.0) -> None:
-    """The agent's health check, asked from inside its namespace."""
+    """Until ``corepeek ps``, run inside the namespace, gets an answer."""
     deadline = time.monotonic() + timeout
+    probe = ns.argv(sys.executable, "-m", "corepeek", "ps", "--agent", address,
+                    "--timeout", "2", "--comm", "-")
     while time.monotonic() < deadline:
         if agent.poll() is not None:
             raise RuntimeError(f"agent exited:\n{log.read_text()}")
-        if subprocess.run(ns.argv(sys.executable, "-c", HEALTH, address),
-                          capture_output=True).returncode == 0:
+        if subprocess.run(probe, capture_output=True).returncode == 0:
             return
         time.sleep(0.2)
-    raise RuntimeError(f"agent not healthy after {timeout}s:\n{log.read_text()}")
+    raise RuntimeError(f"agent not answering after {timeout}s:\n{log.read_text()}")
 
 
 def start_target(kind: str, mib: int) -> subprocess.Popen[str]:

@@ -50,6 +50,23 @@ def _timed(acc: dict[str, list[float]], name: str, fn: Callable[..., object]) ->
     return wrapper
 
 
+def freeze_once(target: Target) -> dict:
+    """One ``freeze()`` + ``thaw()`` of ``target`` in this process, and the
+    target's longest heartbeat gap around it (also bench/run.py's table)."""
+    target.command("resetgap")
+    f = freezer.Freezer(target.pid, choose_arch=choose_arch, thread_timeout=0.5, max_freeze=30)
+    t0 = time.perf_counter()
+    res = f.freeze()
+    t1 = time.perf_counter()
+    f.thaw()
+    t2 = time.perf_counter()
+    time.sleep(0.05)                             # a few heartbeats after the thaw
+    return {"freeze_s": res.freeze_seconds, "freeze_call_s": t1 - t0, "thaw_s": t2 - t1,
+            "total_s": t2 - t0, "gap_s": int(target.status()["maxgap_us"]) / 1e6,
+            "threads": len(res.threads),
+            "threads_frozen": sum(1 for x in res.threads if x.stopped)}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=200)
@@ -73,31 +90,17 @@ def main(argv: list[str] | None = None) -> int:
             for _ in range(args.reps):
                 for v in acc.values():
                     v.append(0.0)
-                t.command("resetgap")
-                f = freezer.Freezer(t.pid, choose_arch=choose_arch, thread_timeout=0.5,
-                                    max_freeze=30)
-                t0 = time.perf_counter()
-                res = f.freeze()
-                t1 = time.perf_counter()
-                f.thaw()
-                t2 = time.perf_counter()
-                time.sleep(0.05)                     # a few heartbeats after the thaw
-                runs.append({"freeze_s": t1 - t0, "thaw_s": t2 - t1,
-                             "agent_freeze_s": res.freeze_seconds,
-                             "gap_s": int(t.status()["maxgap_us"]) / 1e6,
-                             "threads": len(res.threads),
-                             "frozen": sum(1 for x in res.threads if x.stopped)})
+                runs.append(freeze_once(t))
     med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
     low = {k: min(r[k] for r in runs) for k in runs[0]}
     print(f"{med['threads']:.0f} threads, {len(runs)} runs, load {os.getloadavg()[0]:.1f}")
     print("| | median | min |\n|---|---:|---:|")
-    for key, label in (("freeze_s", "freeze() (states, seize, wait, registers)"),
-                       ("agent_freeze_s", "of which from the first seize (freeze_micros)"),
+    for key, label in (("freeze_call_s", "freeze() (states, seize, wait, registers)"),
+                       ("freeze_s", "of which from the first seize (freeze_micros)"),
                        ("thaw_s", "thaw() (detach, tracer thread gone)"),
+                       ("total_s", "freeze() + thaw()"),
                        ("gap_s", "target's longest heartbeat gap")):
         print(f"| {label} | {med[key] * 1000:.1f} ms | {low[key] * 1000:.1f} ms |")
-    print(f"| freeze() + thaw() | {(med['freeze_s'] + med['thaw_s']) * 1000:.1f} ms | "
-          f"{min(r['freeze_s'] + r['thaw_s'] for r in runs) * 1000:.1f} ms |")
     if acc:
         print("\n| call (all threads, one run) | median ms |\n|---|---:|")
         for name, v in acc.items():

@@ -332,8 +332,7 @@ def sparse_gcore_proxy(exe: Path, workdir: Path, reserves: list[int], reps: int,
 def freeze_thaw(exe: Path, agent: Agent, threads: int, reps: int,
                 log: Callable[[str], None]) -> dict:
     """Freeze and thaw of a many-thread target: through the agent and in process."""
-    from corepeek_agent.freezer import Freezer
-    from corepeek_agent.session import choose_arch
+    from bench_freeze import freeze_once
 
     out: dict = {"threads": threads, "agent": [], "in_process": []}
     with Target(exe, ["-m", "16", "-t", str(threads)], ready_timeout=120) as target:
@@ -342,18 +341,7 @@ def freeze_thaw(exe: Path, agent: Agent, threads: int, reps: int,
                                               bl.parse_config("base"), mode="notes"))
             time.sleep(0.05)
         for _ in range(reps):
-            target.command("resetgap")
-            fz = Freezer(target.pid, choose_arch=choose_arch, thread_timeout=0.5, max_freeze=30)
-            t0 = time.monotonic()
-            fr = fz.freeze()
-            t1 = time.monotonic()
-            fz.thaw()
-            t2 = time.monotonic()
-            out["in_process"].append({
-                "freeze_s": fr.freeze_seconds, "freeze_call_s": t1 - t0, "thaw_s": t2 - t1,
-                "total_s": t2 - t0, "gap_s": int(target.status()["maxgap_us"]) / 1e6,
-                "threads_frozen": sum(1 for t in fr.threads if t.stopped)})
-            time.sleep(0.05)
+            out["in_process"].append(freeze_once(target))
     out["agent_median"] = bl.medians(out["agent"])
     out["in_process_median"] = bl.medians(out["in_process"])
     a, p = out["agent_median"], out["in_process_median"]

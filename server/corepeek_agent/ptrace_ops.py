@@ -131,11 +131,7 @@ def getregset(tid: int, note_type: int, max_size: int = 1 << 16) -> bytes:
         scratch = _regset_buffers.scratch = (buf, iov, max_size, ctypes.addressof(iov))
     buf, iov, _, iov_addr = scratch
     iov.iov_len = max_size
-    try:
-        _raw_ptrace(PTRACE_GETREGSET, tid, note_type, iov_addr)
-    except PtraceError as exc:
-        raise OSError(exc.errno or errno.EIO, f"ptrace(GETREGSET, {tid}): "
-                      f"{os.strerror(exc.errno or errno.EIO)}") from None
+    _call(PTRACE_GETREGSET, tid, note_type, iov_addr)
     return ctypes.string_at(buf, iov.iov_len)
 
 

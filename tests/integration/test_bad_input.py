@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import queue
 import subprocess
 from collections.abc import Iterator
 from typing import TypeVar
