@@ -1,25 +1,34 @@
-"""The ``corepeek`` command: agent, ps, dump, notes.
+"""The ``corepeek`` command: agent, ps, dump, notes, collect.
 
-Exit codes: 0 success, 1 capture/agent error (one line on stderr), 2 usage.
+Exit codes: 0 success, 1 capture/agent error (one line on stderr), 2 usage
+(and several processes matching ``--comm``/``--exe``), 130 interrupted.
+Remote strings are escaped in human output (:mod:`corepeek.textsafe`);
+``--json`` is exact.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
+import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
 
 from .channel import TLSOptions, open_channel
-from .errors import CaptureError
+from .errors import CaptureError, Interrupted
+from .targeting import (AGENT_ENV, LOCAL_SOCKET, AmbiguousTarget, UsageError, pick_process,
+                        resolve_agent)
+from .textsafe import safe
 from .v1 import capture_pb2 as pb
 from .v1 import capture_pb2_grpc as pb_grpc
 
-EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 def _agent(args: argparse.Namespace) -> int:
@@ -50,14 +59,18 @@ def _tls(args: argparse.Namespace) -> TLSOptions | None:
     return opts if opts.enabled else None
 
 
+def _list(args: argparse.Namespace, comm: str, exe_glob: str) -> pb.ListProcessesResponse:
+    with open_channel(args.agent, _tls(args)) as channel:
+        stub = pb_grpc.CoreCaptureServiceStub(channel)
+        try:
+            return stub.ListProcesses(pb.ListProcessesRequest(comm=comm, exe_glob=exe_glob),
+                                      timeout=args.timeout)
+        except grpc.RpcError as exc:
+            raise CaptureError.from_rpc(exc, f"cannot list processes on {args.agent}") from None
+
+
 def _ps(args: argparse.Namespace) -> int:
-    stub = pb_grpc.CoreCaptureServiceStub(open_channel(args.agent, _tls(args)))
-    try:
-        resp = stub.ListProcesses(pb.ListProcessesRequest(comm=args.comm or "",
-                                                          exe_glob=args.exe or ""),
-                                  timeout=args.timeout)
-    except grpc.RpcError as exc:
-        raise CaptureError.from_rpc(exc, f"cannot list processes on {args.agent}") from None
+    resp = _list(args, args.comm or "", args.exe or "")
     if args.json:
         from google.protobuf.json_format import MessageToDict
         print(json.dumps(MessageToDict(resp, preserving_proto_field_name=True), indent=2))
@@ -66,7 +79,7 @@ def _ps(args: argparse.Namespace) -> int:
           f"{'START':>10}  COMM / EXE")
     for p in resp.processes:
         print(f"{p.pid:>7} {p.ppid:>7} {p.uid:>6} {p.threads:>4} {p.rss_bytes >> 20:>7}Mi "
-              f"{p.elf_class or '-':>4}  {p.start_time:>10}  {p.comm}  {p.exe}")
+              f"{p.elf_class or '-':>4}  {p.start_time:>10}  {safe(p.comm)}  {safe(p.exe)}")
     return EXIT_OK
 
 
@@ -78,11 +91,54 @@ def _progress_bar(total: int, enabled: bool):  # type: ignore[no-untyped-def]
                 desc="core", file=sys.stderr, dynamic_ncols=True)
 
 
+def _resolve_target(args: argparse.Namespace) -> None:
+    """Fill in ``args.pid`` (and pin ``args.start_time``) from ``--comm``/``--exe``."""
+    if args.pid is not None:
+        if args.comm or args.exe:
+            raise UsageError("give a pid or --comm/--exe, not both")
+        return
+    if not (args.comm or args.exe):
+        raise UsageError("give the pid to capture, or --comm NAME / --exe GLOB")
+    resp = _list(args, args.comm or "", args.exe or "")
+    proc = pick_process(resp.processes, args.comm or "", args.exe or "", args.agent)
+    args.pid = proc.pid
+    args.start_time = args.start_time or int(proc.start_time)
+    if not args.quiet:
+        print(f"capturing pid {proc.pid} ({safe(proc.comm)}, {safe(proc.exe)})",
+              file=sys.stderr)
+
+
 def _dump(args: argparse.Namespace) -> int:
+    from .outfile import AtomicOutput
+
+    _resolve_target(args)
+    out = Path(args.output or f"core.{args.pid}")
+    # Created before the target is frozen: a bad -o fails without a capture.
+    with AtomicOutput(out, keep_partial=args.keep_partial) as dest:
+        try:
+            report = _capture_into(args, dest.fd, out)
+        except (CaptureError, OSError, KeyboardInterrupt) as exc:
+            kept = dest.abort()
+            note = (f"; the incomplete core is kept as {kept}" if kept
+                    else f"; no core written to {out}")
+            if isinstance(exc, KeyboardInterrupt):
+                raise Interrupted(f"interrupted{note}") from None
+            what = str(exc) if isinstance(exc, CaptureError) else \
+                f"writing {out}: {exc.strerror or exc}"
+            raise CaptureError(what + note, getattr(exc, "code", None)) from None
+        dest.commit()
+    if not args.quiet:
+        for line in report:
+            print(line, file=sys.stderr)
+    return EXIT_OK
+
+
+def _capture_into(args: argparse.Namespace, fd: int, out: Path) -> list[str]:
+    """Capture ``args.pid`` into the open file ``fd``; returns the summary lines
+    (printed once the core has its name ``out``)."""
     from .dump import write_full_core
     from .remote import open_capture
 
-    out = Path(args.output or f"core.{args.pid}")
     t0 = time.monotonic()
     with open_capture(args.agent, args.pid, tls=_tls(args), start_time=args.start_time,
                       mode=args.only,
@@ -101,18 +157,18 @@ def _dump(args: argparse.Namespace) -> int:
                             sys.stderr.isatty() and not args.quiet)
         try:
             if args.only == "full":
-                write_full_core(core, out, progress=bar.update if bar else None)
+                size = write_full_core(core, fd, progress=bar.update if bar else None)
             else:
                 from .partial import write_partial_core
-                write_partial_core(core, out)
+                size = write_partial_core(core, fd).file_size
         finally:
             if bar is not None:
                 bar.close()
         stats = core.stats
     elapsed = time.monotonic() - t0
-    if not args.quiet:
-        print(f"wrote {out}: {lay.total_size if args.only == 'full' else out.stat().st_size} "
-              f"bytes core of pid {lay.pid} ({lay.comm}, {lay.arch}, {len(lay.threads)} threads), "
+    report = [f"wrote {out}: {size} "
+              f"bytes core of pid {lay.pid} ({safe(lay.comm)}, {lay.arch}, "
+              f"{len(lay.threads)} threads), "
               f"{stats.data_bytes} bytes transferred"
               + (f" ({stats.wire_bytes} compressed)" if stats.wire_bytes != stats.data_bytes
                  else "")
@@ -120,17 +176,18 @@ def _dump(args: argparse.Namespace) -> int:
               + (f"snapshot served for {elapsed:.3f} s" if lay.snapshot
                  else "target thawed as soon as the notes were built (stopping its threads "
                       f"took {lay.freeze_micros / 1000:.1f} ms)" if args.only == "notes"
-                 else f"frozen for {elapsed:.3f} s"), file=sys.stderr)
-        if unfrozen:
-            print(f"warning: threads {unfrozen} did not stop in time; their registers are "
-                  "zero in the core", file=sys.stderr)
-    return EXIT_OK
+                 else f"frozen for {elapsed:.3f} s")]
+    if unfrozen:
+        report.append(f"warning: threads {unfrozen} did not stop in time; their registers "
+                      "are zero in the core")
+    return report
 
 
 def _notes(args: argparse.Namespace) -> int:
     from .notes_summary import render_text, summarize
     from .remote import open_capture
 
+    _resolve_target(args)
     with open_capture(args.agent, args.pid, tls=_tls(args), start_time=args.start_time,
                       mode="notes",
                       freeze_timeout_ms=args.freeze_timeout_ms) as core:
@@ -142,13 +199,25 @@ def _notes(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _global_args(p: argparse.ArgumentParser, default: object) -> None:
+    """-v/-q: on the main parser (real defaults) and on every subcommand
+    (``SUPPRESS``: given there, they override; absent, the main one's stand)."""
+    p.add_argument("-v", "--verbose", action="count", default=default,
+                   help="more log output (repeat for debug)")
+    p.add_argument("-q", "--quiet", action="store_true", default=default,
+                   help="no summary or progress, errors only")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="corepeek", description=__doc__)
-    p.add_argument("-v", "--verbose", action="count", default=0)
-    p.add_argument("-q", "--quiet", action="store_true")
-    sub = p.add_subparsers(dest="command", required=True)
+    _global_args(p, None)
+    p.set_defaults(verbose=0, quiet=False)
+    globals_ = argparse.ArgumentParser(add_help=False)
+    _global_args(globals_, argparse.SUPPRESS)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add = functools.partial(sub.add_parser, parents=[globals_])
 
-    a = sub.add_parser("agent", help="run the capture agent (as root)")
+    a = add("agent", help="run the capture agent (as root)")
     a.add_argument("--listen", required=True, help="unix:PATH or HOST:PORT")
     a.add_argument("--insecure", action="store_true",
                    help="allow plaintext TCP (loopback addresses only)")
@@ -163,13 +232,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="file for the JSON-lines audit log (default -: stderr)")
     a.add_argument("--sessions-per-minute", type=int, default=None,
                    help="per-client session rate limit (default: the policy's, 60)")
-    a.add_argument("--max-sessions", type=int, default=16)
+    a.add_argument("--max-sessions", type=int, default=16,
+                   help="captures served at once; more are refused (default 16)")
     a.add_argument("--max-freeze", type=float, default=300.0,
                    help="seconds after which a session is ended and its target thawed")
     a.add_argument("--keepalive", type=float, default=10.0,
                    help="seconds between HTTP/2 pings to clients (cut links are noticed "
                    "within keepalive + keepalive-timeout, and their targets thawed)")
-    a.add_argument("--keepalive-timeout", type=float, default=5.0)
+    a.add_argument("--keepalive-timeout", type=float, default=5.0,
+                   help="seconds to wait for a ping's answer (default 5)")
     a.add_argument("--thread-timeout-ms", type=int, default=500,
                    help="default wait for each thread to stop")
     a.add_argument("--metrics-address", metavar="HOST:PORT",
@@ -181,31 +252,42 @@ def build_parser() -> argparse.ArgumentParser:
     a.set_defaults(func=_agent)
 
     def agent_arg(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--agent", required=True, help="unix:PATH or HOST:PORT of the agent")
-        sp.add_argument("--timeout", type=float, default=30.0)
+        sp.add_argument("--agent", help="unix:PATH or HOST:PORT of the agent (default "
+                        f"${AGENT_ENV}, else unix:{LOCAL_SOCKET} if it exists)")
+        sp.add_argument("--timeout", type=float, default=30.0,
+                        help="deadline of a process listing, seconds (default 30)")
         sp.add_argument("--tls-ca", help="CA the agent's certificate chains to (PEM)")
         sp.add_argument("--tls-cert", help="this client's certificate (PEM)")
         sp.add_argument("--tls-key", help="this client's private key (PEM)")
         sp.add_argument("--tls-server-name", help="name expected in the agent's certificate")
 
-    s = sub.add_parser("ps", help="list processes on an agent's host")
+    s = add("ps", help="list processes on an agent's host")
     agent_arg(s)
-    s.add_argument("--comm")
-    s.add_argument("--exe", help="glob on the executable path")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--comm", help="only processes whose /proc/PID/comm is exactly this")
+    s.add_argument("--exe", help="only processes whose executable path matches this glob")
+    s.add_argument("--json", action="store_true",
+                   help="the listing as JSON, strings exact (the table escapes them)")
     s.set_defaults(func=_ps)
 
     def capture_args(sp: argparse.ArgumentParser) -> None:
         agent_arg(sp)
-        sp.add_argument("pid", type=int)
+        sp.add_argument("pid", type=int, nargs="?",
+                        help="process to capture (or name it with --comm/--exe)")
+        sp.add_argument("--comm", help="capture the one process with this exact "
+                        "/proc/PID/comm (several: they are listed, exit status 2)")
+        sp.add_argument("--exe", metavar="GLOB", help="capture the one process whose "
+                        "executable path matches GLOB (several: listed, exit status 2)")
         sp.add_argument("--start-time", type=int, default=0,
                         help="refuse unless the process has this start time (from ps)")
         sp.add_argument("--freeze-timeout-ms", type=int, default=0,
                         help="wait per thread before giving up on it (agent default 500)")
 
-    d = sub.add_parser("dump", help="capture a core into a file")
+    d = add("dump", help="capture a core into a file")
     capture_args(d)
-    d.add_argument("-o", "--output", help="core file to write (default core.PID)")
+    d.add_argument("-o", "--output", help="core file to write (default core.PID); it appears "
+                   "only when complete, mode 0600, replacing (never following) what is there")
+    d.add_argument("--keep-partial", action="store_true",
+                   help="if the capture fails, keep what was written as OUTPUT.partial")
     d.add_argument("--only", choices=("full", "stacks", "notes"), default="full",
                    help="notes: threads, registers, mappings; stacks: notes + thread stacks")
     d.add_argument("--stack-bytes", type=int, default=0,
@@ -218,12 +300,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "see docs/performance.md)")
     d.set_defaults(func=_dump)
 
-    n = sub.add_parser("notes", help="summarise threads, registers and mappings")
+    n = add("notes", help="summarise threads, registers and mappings")
     capture_args(n)
-    n.add_argument("--json", action="store_true")
+    n.add_argument("--json", action="store_true",
+                   help="the summary as JSON, strings exact (the text escapes them)")
     n.set_defaults(func=_notes)
 
-    _add_collect_parser(sub)
+    _add_collect_parser(add)
     return p
 
 
@@ -280,10 +363,10 @@ def _collect(args: argparse.Namespace) -> int:
     return EXIT_OK if result.ok else EXIT_ERROR
 
 
-def _add_collect_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _add_collect_parser(add: Callable[..., argparse.ArgumentParser]) -> None:
     from .collect import DEFAULT_K8S_NAMESPACE, DEFAULT_K8S_SELECTOR
 
-    c = sub.add_parser(
+    c = add(
         "collect", help="capture matching processes on many agents (a fleet)",
         description="List matching processes on every agent, capture them concurrently "
         "and write one file per capture plus manifest.json (docs/fleet.md). Exit status 1 "
@@ -312,7 +395,8 @@ def _add_collect_parser(sub: argparse._SubParsersAction) -> None:  # type: ignor
     c.add_argument("--out", help="directory (default ./corepeek-collect-UTCTIME) or "
                    "s3://bucket/prefix")
     c.add_argument("--compress", action="store_true", help="zstd-compress each core (.zst)")
-    c.add_argument("--compress-level", type=int, default=3)
+    c.add_argument("--compress-level", type=int, default=3,
+                   help="zstd level with --compress (default 3)")
     c.add_argument("--wire-compression", choices=("none", "zstd"), default="none",
                    help="compress memory on the wire (for slow links; costs agent CPU)")
     c.add_argument("--s3-endpoint-url", help="S3-compatible endpoint (default: AWS, or "
@@ -333,8 +417,14 @@ def _add_collect_parser(sub: argparse._SubParsersAction) -> None:  # type: ignor
     c.add_argument("--tls-server-name", help="name expected in the agents' certificates "
                    "(for pod IPs not in the certificate)")
     c.add_argument("--json", action="store_true", help="also print the manifest on stdout")
-    c.add_argument("--no-progress", action="store_true")
+    c.add_argument("--no-progress", action="store_true",
+                   help="no progress bars, even on a terminal")
     c.set_defaults(func=_collect)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    """SIGTERM ends a client command like Ctrl-C: outputs removed, target thawed."""
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -343,20 +433,34 @@ def main(argv: list[str] | None = None) -> int:
     level = logging.WARNING - 10 * args.verbose if not args.quiet else logging.ERROR
     logging.basicConfig(level=max(level, logging.DEBUG),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command != "agent":                   # the agent handles SIGTERM itself
+        signal.signal(signal.SIGTERM, _interrupt)
     try:
+        if hasattr(args, "agent"):
+            args.agent = resolve_agent(args.agent)
         return int(args.func(args))
-    except CaptureError as exc:
+    except AmbiguousTarget as exc:                # a table of candidates, escaped
         print(f"corepeek: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except UsageError as exc:
+        print(f"corepeek: {safe(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+    except Interrupted as exc:
+        print(f"corepeek: {safe(exc)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except CaptureError as exc:                   # agent text may quote remote strings
+        print(f"corepeek: {safe(exc)}", file=sys.stderr)
         return EXIT_ERROR
     except OSError as exc:
-        print(f"corepeek: {exc}", file=sys.stderr)
+        print(f"corepeek: {safe(exc)}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
-        return 130
+        print("corepeek: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except Exception as exc:  # noqa: BLE001 - one line for the operator, not a traceback
         if type(exc).__module__.startswith("corepeek_agent"):
             details = exc.details() if hasattr(exc, "details") else str(exc)
-            print(f"corepeek: {details}", file=sys.stderr)
+            print(f"corepeek: {safe(details)}", file=sys.stderr)
             return EXIT_ERROR
         raise
 

@@ -23,6 +23,7 @@ import errno
 import mmap
 import os
 import queue
+import stat
 import threading
 from dataclasses import dataclass
 
@@ -77,12 +78,20 @@ class CoreFileWriter:
     from ``finish``.  ``close`` always releases everything (idempotent).
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, direct: bool = True,
+    def __init__(self, path: str | os.PathLike[str] | int, *, direct: bool = True,
                  stage_bytes: int = STAGE_BYTES, stage_count: int = STAGE_COUNT,
                  direct_min_piece: int = DIRECT_MIN_PIECE, spill: bool = True,
                  stats: WriteStats | None = None) -> None:
+        """``path``: a file to create or truncate (0600), or the descriptor of an
+        open, writable file (:class:`corepeek.outfile.AtomicOutput`'s): it is
+        duplicated, and the caller keeps and closes its own."""
         self.stats = stats if stats is not None else WriteStats()
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        if isinstance(path, int):
+            self._fd = os.dup(path)
+            os.set_inheritable(self._fd, False)
+        else:
+            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
+                               0o600)
         self._dfd = -1
         self._stage_bytes = stage_bytes
         self._spill = spill
@@ -96,19 +105,22 @@ class CoreFileWriter:
         self._direct_ok = True              # cleared if the file system refuses a write
         self._stats_lock = threading.Lock()
         if direct:
-            self._open_direct(path, stage_count)
+            self._open_direct(stage_count)
         else:
             self.stats.direct_fallback = "disabled"
 
-    def _open_direct(self, path: str | os.PathLike[str], stage_count: int) -> None:
+    def _open_direct(self, stage_count: int) -> None:
         if not hasattr(os, "O_DIRECT"):
             self.stats.direct_fallback = "no O_DIRECT on this platform"
             return
-        if not os.path.isfile(path):
+        if not stat.S_ISREG(os.fstat(self._fd).st_mode):
             self.stats.direct_fallback = "not a regular file"
             return
         try:
-            self._dfd = os.open(path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+            # A second open file description of the same file (by descriptor,
+            # never by name again: the name may have been replaced meanwhile).
+            self._dfd = os.open(f"/proc/self/fd/{self._fd}",
+                                os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
         except OSError as exc:                    # tmpfs: EINVAL
             self.stats.direct_fallback = f"O_DIRECT refused: {os.strerror(exc.errno or 0)}"
             return

@@ -26,11 +26,12 @@ WRITE_BATCH = 1024 * 1024
 WRITE_QUEUE = 8
 
 
-def write_full_core(core: RemoteCore, out: Path | str, progress: Progress | None = None,
+def write_full_core(core: RemoteCore, out: Path | str | int, progress: Progress | None = None,
                     request_bytes: int = REQUEST_BYTES, writer_thread: bool | None = None,
                     tune_malloc: bool = True, direct: bool = True,
                     **writer_opts: Any) -> int:
-    """Stream the whole core into ``out``; returns the core size.
+    """Stream the whole core into ``out`` (a path, or a writable file's descriptor,
+    e.g. :class:`corepeek.outfile.AtomicOutput`'s); returns the core size.
 
     Holes are skipped and the file is extended with ftruncate, so untouched
     memory takes no disk space.  Large aligned runs go to disk with direct I/O

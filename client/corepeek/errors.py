@@ -18,3 +18,7 @@ class CaptureError(Exception):
         details = exc.details() if hasattr(exc, "details") else str(exc)
         name = code.name if code is not None else "UNKNOWN"
         return cls(f"{what}: {name}: {details}", code)
+
+
+class Interrupted(CaptureError):
+    """The user interrupted the command (SIGINT, SIGTERM); exit status 130."""

@@ -19,6 +19,7 @@ from elftools.elf.elffile import ELFFile
 from elftools.elf.segments import NoteSegment
 
 from .remote import RemoteCore
+from .textsafe import safe
 from .v1 import capture_pb2 as pb
 
 EM_386, EM_X86_64 = 3, 62
@@ -222,16 +223,17 @@ def summarize(core: RemoteCore) -> dict[str, Any]:
 
 
 def render_text(summary: dict[str, Any]) -> str:
-    """The summary as a terminal report."""
+    """The summary as a terminal report; names the target chose are escaped."""
     s = summary
     proc = s.get("process", {})
-    lines = [f"pid {s['pid']} ({s['comm']}) {s['exe']}  [{s['arch']}, ELF{s['elf_class']}]"]
+    lines = [f"pid {s['pid']} ({safe(s['comm'])}) {safe(s['exe'])}  "
+             f"[{s['arch']}, ELF{s['elf_class']}]"]
     if proc:
         state = proc.get("state", "")
         lines.append(f"  state {state} ({_STATE_NAMES.get(state, '?')}), ppid {proc['ppid']}, "
                      f"pgrp {proc['pgrp']}, sid {proc['sid']}, uid {proc['uid']}, "
                      f"gid {proc['gid']}, nice {proc['nice']}")
-        lines.append(f"  command: {proc['psargs']}")
+        lines.append(f"  command: {safe(proc['psargs'])}")
     lines.append(f"  {len(s['threads'])} threads, stopped in {s['freeze_micros'] / 1000:.1f} ms; "
                  f"full core would be {s['core_size']} bytes, "
                  f"{s['bytes_fetched']} bytes fetched")
@@ -253,7 +255,7 @@ def render_text(summary: dict[str, Any]) -> str:
         if t["blocked"]:
             sigs.append(f"{len(t['blocked'])} blocked")
         state = t["state"] + ("" if t["frozen"] else "!")
-        lines.append(f"  {t['tid']:>7} {state:2} {t['comm'][:16]:16} {t['pc']:>18} "
+        lines.append(f"  {t['tid']:>7} {state:2} {safe(t['comm']):16} {t['pc']:>18} "
                      f"{t['sp']:>18}  {'; '.join(sigs)}")
     if any(not t["frozen"] for t in s["threads"]):
         lines.append("  (!: did not stop in time; registers are zero)")
@@ -262,8 +264,8 @@ def render_text(summary: dict[str, Any]) -> str:
     lines.append(f"  {'START':>18} {'END':>18} {'PERM':4} {'SIZE':>10} {'IN CORE':>10} "
                  f"{'OFFSET':>10}  NAME")
     for m in s["mappings"]:
-        name = m["name"] + ("  (stack)" if m["stack"] and not m["name"].startswith("[stack")
-                            else "")
+        name = safe(m["name"]) + ("  (stack)" if m["stack"] and not m["name"].startswith("[stack")
+                                  else "")
         lines.append(f"  {m['start']:>18} {m['end']:>18} {m['perms']:4} {_size(m['size']):>10} "
                      f"{_size(m['in_core']):>10} {m['offset']:>#10x}  {name}")
     if s.get("auxv"):

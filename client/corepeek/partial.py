@@ -406,7 +406,7 @@ def local_stacks_plan(core: RemoteCore, stack_bytes: int = 0, notes: bytes | Non
 class PartialResult:
     """What :func:`write_partial_core` wrote and what it cost."""
 
-    path: Path
+    path: Path | None              # None when written to a caller's descriptor
     mode: str
     file_size: int                 # apparent size of the written core
     loads: int                     # PT_LOADs in it
@@ -427,13 +427,14 @@ def _read_exact(f: RemoteCoreFile, offset: int, length: int) -> bytes:
     return data
 
 
-def write_partial_core(core: RemoteCore, out: Path, *, mode: str | None = None,
+def write_partial_core(core: RemoteCore, out: Path | int, *, mode: str | None = None,
                        stack_bytes: int = 0) -> PartialResult:
     """Write a ``notes`` or ``stacks`` partial core of ``core`` to ``out``.
 
     ``mode`` defaults to the session's mode.  Fetches the header block and the
     notes through ``core.file`` and then exactly the kept segment bytes; holes
-    the agent reports stay holes in ``out`` (it is written sparse).
+    the agent reports stay holes in ``out`` (it is written sparse).  ``out``
+    is a path, or a writable file's descriptor (the caller keeps it open).
     """
     t0 = time.monotonic()
     stats = core.stats
@@ -449,8 +450,11 @@ def write_partial_core(core: RemoteCore, out: Path, *, mode: str | None = None,
                      for p in hdr.phdrs if p.p_type == PT_NOTE)
     plan = plan_partial(hdr, memory_plan(core, mode, stack_bytes, notes, hdr.e_machine))
     fetched = plan.fetch_ranges()
-    out = Path(out)
-    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    if isinstance(out, int):
+        fd, path = os.dup(out), None
+    else:
+        path = Path(out)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
         os.pwrite(fd, plan.header, 0)
         for c in plan.notes:
@@ -468,7 +472,7 @@ def write_partial_core(core: RemoteCore, out: Path, *, mode: str | None = None,
     finally:
         os.close(fd)
     return PartialResult(
-        path=out, mode=mode, file_size=plan.size, loads=plan.loads,
+        path=path, mode=mode, file_size=plan.size, loads=plan.loads,
         loads_with_data=plan.loads_with_data, memory_bytes=plan.memory_bytes,
         fetched=tuple(fetched), data_bytes=stats.data_bytes - before[0],
         hole_bytes=stats.hole_bytes - before[1], requests=stats.requests - before[2],

@@ -352,11 +352,27 @@ class RemoteCore:
             if self._own_channel:
                 self._channel.close()
 
+    def abort(self) -> None:
+        """Cancel the stream without reading what is still on its way (the agent
+        thaws the target when it sees the cancellation); idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._requests.put(None)
+        self._call.cancel()
+        if self._own_channel:
+            self._channel.close()
+
     def __enter__(self) -> RemoteCore:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        # After a failure (Ctrl-C, disk full) the rest of the stream is of no
+        # use: up to two read requests of data would be drained first.
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
 
 
 def open_capture(agent: str | grpc.Channel, pid: int, *, tls: TLSOptions | None = None,
