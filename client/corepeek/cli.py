@@ -355,11 +355,12 @@ def _collect(args: argparse.Namespace) -> int:
         print(f"collected {summary['ok']} of {summary['captures']} capture(s) from "
               f"{summary['agents'] - summary['agents_unreachable']} of {summary['agents']} "
               f"agent(s): {summary['bytes']} bytes in {result.manifest['seconds']:.2f} s; "
-              f"manifest {result.manifest_path}", file=sys.stderr)
+              f"manifest {safe(result.manifest_path)}", file=sys.stderr)
         for c in result.manifest["captures"]:
             if c["status"] != "ok":
                 what = f"pid {c['pid']} ({c['comm']})" if c["pid"] is not None else "agent"
-                print(f"error: {c['host'] or c['agent']}: {what}: {c['error']}", file=sys.stderr)
+                print("error: " + safe(f"{c['host'] or c['agent']}: {what}: {c['error']}"),
+                      file=sys.stderr)
     return EXIT_OK if result.ok else EXIT_ERROR
 
 
@@ -422,6 +423,17 @@ def _add_collect_parser(add: Callable[..., argparse.ArgumentParser]) -> None:
     c.set_defaults(func=_collect)
 
 
+class _SafeFormatter(logging.Formatter):
+    """Log lines with remote strings escaped (one record, one line)."""
+
+    def __init__(self, inner: logging.Formatter | None) -> None:
+        super().__init__()
+        self._inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        return safe(self._inner.format(record))
+
+
 def _interrupt(signum: int, frame: object) -> None:
     """SIGTERM ends a client command like Ctrl-C: outputs removed, target thawed."""
     raise KeyboardInterrupt
@@ -433,6 +445,9 @@ def main(argv: list[str] | None = None) -> int:
     level = logging.WARNING - 10 * args.verbose if not args.quiet else logging.ERROR
     logging.basicConfig(level=max(level, logging.DEBUG),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command != "agent":                   # client logs quote remote names
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(_SafeFormatter(handler.formatter))
     if args.command != "agent":                   # the agent handles SIGTERM itself
         signal.signal(signal.SIGTERM, _interrupt)
     try:

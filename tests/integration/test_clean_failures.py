@@ -70,6 +70,7 @@ def finish(proc: subprocess.Popen[str]) -> tuple[int, str]:
 
 
 def assert_one_line(err: str) -> str:
+    print(f"stderr: {err}", end="")
     assert err.count("\n") == 1 and err.startswith("corepeek: "), err
     assert "Traceback" not in err, err
     return err
@@ -145,7 +146,9 @@ def test_client_interrupted_mid_dump(agent, bigmem_target: Target, tmp_path: Pat
     assert "interrupted; no core written to" in assert_one_line(err)
     assert took < 10, f"the client took {took:.1f} s to stop"
     assert_nothing_left(out)
-    wait_thawed(bigmem_target)
+    thaw = wait_thawed(bigmem_target)
+    print(f"MEASURED {how}: client exited {took * 1000:.0f} ms after SIGCONT, target thawed "
+          f"{thaw * 1000:.1f} ms after that")
     assert_thawed_and_undisturbed(bigmem_target)
 
 
@@ -155,7 +158,8 @@ def test_max_freeze_ends_the_dump(own_agent, bigmem_target: Target, tmp_path: Pa
     out = tmp_path / "core"
     proc = start_dump(a.address, bigmem_target.pid, out)
     pause_mid_dump(proc, out)
-    wait_thawed(bigmem_target, timeout=10)         # the agent's watchdog thaws it
+    thaw = wait_thawed(bigmem_target, timeout=10)  # the agent's watchdog thaws it
+    print(f"MEASURED max-freeze 1 s: thawed {thaw:.2f} s after the client paused")
     code, err = finish(proc)
     assert code == 1, err
     assert_one_line(err)
