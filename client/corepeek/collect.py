@@ -13,8 +13,14 @@
 4. **store** each core — a sparse file (uncompressed), a zstd file, or an S3
    object — *after* its capture is closed, so compression and upload never
    prolong a freeze;
-5. write ``manifest.json``: one entry per capture and one per agent that could
-   not be listed, each with a status.
+5. write the run's manifest (``manifest-UTCSTAMP.json``, never replaced; see
+   :mod:`corepeek.runindex`): one entry per capture and one per agent that
+   could not be listed, each with a status; append the run to ``runs.json``
+   and copy the manifest to ``manifest.json`` (the newest run's).
+
+Every file appears under its final name only when complete, and never
+replaces another (:mod:`corepeek.outfile`); an S3 object appears only when
+its upload completed (:mod:`corepeek.s3upload`).
 
 The module is layered so the decisions are unit-testable without I/O: the
 pure part (addresses, naming, planning, scheduling limits, backoff, the
@@ -47,15 +53,18 @@ from typing import Any, Protocol, TypeVar
 
 import grpc
 
+from . import runindex
 from .channel import TLSOptions, open_channel
 from .errors import CaptureError
+from .outfile import create_new, fsync_dir, link_new
+from .s3upload import upload_complete
 from .v1 import capture_pb2 as pb
 from .v1 import capture_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
 MANIFEST_VERSION = 1
-MANIFEST_NAME = "manifest.json"
+MANIFEST_NAME = runindex.LATEST_NAME
 DEFAULT_PORT = 7443                  # the agent's TCP port in deploy/
 DEFAULT_K8S_NAMESPACE = "corepeek"
 DEFAULT_K8S_SELECTOR = "app.kubernetes.io/name=corepeek-agent"
@@ -534,14 +543,14 @@ def discover_kubernetes(namespace: str = DEFAULT_K8S_NAMESPACE,
 CHUNK = 1 << 20
 
 
-def file_digest(path: Path) -> tuple[int, str]:
-    """(size, sha256) of a file; holes of a sparse file read as zeros."""
+def file_digest(f: Any) -> tuple[int, str]:
+    """(size, sha256) of an open binary file from its start; holes read as zeros."""
     h = hashlib.sha256()
     size = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-            size += len(chunk)
+    f.seek(0)
+    while chunk := f.read(CHUNK):
+        h.update(chunk)
+        size += len(chunk)
     return size, h.hexdigest()
 
 
@@ -562,16 +571,54 @@ class _HashingWriter:
         self._f.flush()
 
 
-def zstd_compress(src: Path, dst: Path, level: int = 3) -> tuple[int, str]:
-    """Compress ``src`` into ``dst`` (0600); returns (size, sha256) of ``dst``."""
+def zstd_compress(src: Scratch, dst_dir: Path, level: int = 3) -> tuple[Path, int, str]:
+    """Compress ``src`` into a new file in ``dst_dir`` (0600, never through a link);
+    returns its path, size and sha256."""
     import zstandard
 
     cctx = zstandard.ZstdCompressor(level=level, write_content_size=True)
-    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with open(fd, "wb") as raw, open(src, "rb") as inp:
-        hw = _HashingWriter(raw)
-        cctx.copy_stream(inp, hw, size=src.stat().st_size, read_size=CHUNK, write_size=CHUNK)
-    return hw.size, hw.sha.hexdigest()
+    fd, dst = create_new(dst_dir, ".zst.")
+    try:
+        with open(fd, "wb") as raw, open(os.dup(src.fd), "rb") as inp:
+            inp.seek(0)
+            hw = _HashingWriter(raw)
+            cctx.copy_stream(inp, hw, size=os.fstat(src.fd).st_size, read_size=CHUNK,
+                             write_size=CHUNK)
+            raw.flush()
+            os.fsync(raw.fileno())
+    except BaseException:
+        dst.unlink(missing_ok=True)
+        raise
+    return dst, hw.size, hw.sha.hexdigest()
+
+
+@dataclass
+class Scratch:
+    """A capture's file while it is written: created new (0600) and kept open, so
+    it is written through this descriptor and never reopened by name."""
+
+    path: Path
+    fd: int
+
+    @classmethod
+    def create(cls, directory: Path, name: str) -> Scratch:
+        fd, path = create_new(directory, f".{name}.")
+        return cls(path, fd)
+
+    def digest(self) -> tuple[int, str]:
+        """(size, sha256) of what was written; holes read as zeros."""
+        os.fsync(self.fd)
+        with open(os.dup(self.fd), "rb") as f:
+            return file_digest(f)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def discard(self) -> None:
+        self.close()
+        self.path.unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)
@@ -584,19 +631,20 @@ class Stored:
 class Sink(Protocol):
     destination: str
 
-    def scratch(self, name: str) -> Path: ...
-    def store(self, scratch: Path, name: str, compress: bool, level: int) -> Stored: ...
-    def discard(self, scratch: Path) -> None: ...
-    def write_manifest(self, doc: dict[str, Any]) -> str: ...
+    def scratch(self, name: str) -> Scratch: ...
+    def store(self, scratch: Scratch, name: str, compress: bool, level: int) -> Stored: ...
+    def discard(self, scratch: Scratch) -> None: ...
+    def write_manifest(self, doc: dict[str, Any], started: datetime | None = None) -> str: ...
     def close(self) -> None: ...
 
 
 class DirSink:
     """Cores as files in a directory (created 0700: cores hold process memory).
 
-    A core is written sparse to ``.NAME.part`` and renamed into place once its
-    capture is closed, so a name in the directory is always a complete core;
-    with ``compress`` the part file is compressed into ``NAME`` and removed.
+    A core is written sparse to a new ``.NAME.RANDOM.tmp`` (:class:`Scratch`)
+    and linked to its name only once its capture is closed and it is complete,
+    never replacing a file (a clash takes ``-2``...); with ``compress`` the
+    zstd file is linked instead and the scratch removed.
     """
 
     def __init__(self, directory: Path) -> None:
@@ -604,46 +652,92 @@ class DirSink:
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.destination = str(self.dir)
 
-    def scratch(self, name: str) -> Path:
-        return self.dir / f".{name.removesuffix('.zst')}.part"
+    def scratch(self, name: str) -> Scratch:
+        return Scratch.create(self.dir, name.removesuffix(".zst"))
 
-    def store(self, scratch: Path, name: str, compress: bool, level: int = 3) -> Stored:
-        final = self.dir / name
+    def store(self, scratch: Scratch, name: str, compress: bool, level: int = 3) -> Stored:
         if compress:
-            part = self.dir / f".{name}.part"
-            size, sha = zstd_compress(scratch, part, level)
-            os.replace(part, final)
-            scratch.unlink()
+            done, size, sha = zstd_compress(scratch, self.dir, level)
+            scratch.discard()
         else:
-            size, sha = file_digest(scratch)
-            os.replace(scratch, final)
-        return Stored(name, size, sha)
+            size, sha = scratch.digest()
+            scratch.close()
+            done = scratch.path
+        try:
+            final = link_new(done, self.dir, name, unique=_numbered_name)
+        except BaseException:
+            done.unlink(missing_ok=True)
+            raise
+        fsync_dir(self.dir)
+        return Stored(final, size, sha)
 
-    def discard(self, scratch: Path) -> None:
-        scratch.unlink(missing_ok=True)
-        Path(str(scratch).removesuffix(".part") + ".zst.part").unlink(missing_ok=True)
+    def discard(self, scratch: Scratch) -> None:
+        scratch.discard()
 
-    def write_manifest(self, doc: dict[str, Any]) -> str:
-        path = self.dir / MANIFEST_NAME
-        tmp = self.dir / f".{MANIFEST_NAME}.part"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with open(fd, "w") as f:
-            f.write(json.dumps(doc, indent=2) + "\n")
-        os.replace(tmp, path)
-        return str(path)
+    def write_manifest(self, doc: dict[str, Any], started: datetime | None = None) -> str:
+        """The run's own manifest, the index entry, and manifest.json (see runindex)."""
+        body = (json.dumps(doc, indent=2) + "\n").encode()
+        name = link_new(self._new_file(body), self.dir,
+                        runindex.run_manifest_name(started or datetime.now(timezone.utc)),
+                        unique=runindex.numbered)
+        os.replace(self._new_file(body), self.dir / runindex.LATEST_NAME)
+        self._append_index(runindex.index_entry(doc, name))
+        fsync_dir(self.dir)
+        return str(self.dir / name)
+
+    def _new_file(self, body: bytes) -> Path:
+        fd, path = create_new(self.dir, ".manifest.")
+        with open(fd, "wb") as f:
+            f.write(body)
+            f.flush()
+            os.fsync(f.fileno())
+        return path
+
+    def _append_index(self, entry: dict[str, Any]) -> None:
+        """Append to runs.json under an exclusive lock of the directory (runs at once)."""
+        import fcntl
+
+        dfd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(dfd, fcntl.LOCK_EX)
+            path = self.dir / runindex.INDEX_NAME
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                with open(fd, "rb") as f:
+                    old: bytes | None = f.read()
+            except FileNotFoundError:
+                old = None
+            except OSError as exc:             # ELOOP: a planted symlink is not read
+                old = f"(unreadable: {exc.strerror})".encode()
+            os.replace(self._new_file(runindex.append_entry(old, entry)), path)
+        finally:
+            os.close(dfd)                     # releases the lock
 
     def close(self) -> None:
         pass
 
 
+def _numbered_name(name: str, n: int) -> str:
+    """``h_x_1_T.notes.core`` -> ``h_x_1_T-2.notes.core`` (as :class:`NameClaims`)."""
+    stem, dot, rest = name.partition(".")
+    return f"{stem}-{n}{dot}{rest}"
+
+
+def _s3_missing(exc: Exception) -> bool:
+    code = getattr(exc, "response", {}).get("Error", {}).get("Code")
+    return code in ("404", "NoSuchKey", "NotFound")
+
+
 class S3Sink:
     """Cores as objects under ``s3://bucket/prefix/`` (any S3-compatible store).
 
-    Each core is written to a local scratch directory first (the capture is
-    closed, and the target thawed, before the upload starts), then uploaded
-    with boto3's managed transfer (multipart for large cores).  The object's
-    metadata carries its sha256.  Needs the ``[s3]`` extra (boto3); credentials
-    and region come from the usual AWS environment / config files.
+    Each core is written to a private local scratch directory first (the
+    capture is closed, and the target thawed, before the upload starts), then
+    uploaded so that its key appears only when complete
+    (:func:`corepeek.s3upload.upload_complete`: one PUT, or a multipart upload
+    aborted on any failure).  The object's metadata carries its sha256.  Needs
+    the ``[s3]`` extra (boto3); credentials and region come from the usual AWS
+    environment / config files.
     """
 
     def __init__(self, url: str, *, endpoint_url: str | None = None, client: Any = None,
@@ -661,42 +755,80 @@ class S3Sink:
         self._tmp = Path(tempfile.mkdtemp(prefix="corepeek-collect-", dir=scratch_dir))
         os.chmod(self._tmp, 0o700)
 
-    def scratch(self, name: str) -> Path:
-        return self._tmp / f"{name.removesuffix('.zst')}.part"
+    def scratch(self, name: str) -> Scratch:
+        return Scratch.create(self._tmp, name.removesuffix(".zst"))
 
-    def store(self, scratch: Path, name: str, compress: bool, level: int = 3) -> Stored:
-        upload = scratch
+    def store(self, scratch: Scratch, name: str, compress: bool, level: int = 3) -> Stored:
         if compress:
-            upload = self._tmp / f"{name}.part"
-            size, sha = zstd_compress(scratch, upload, level)
-            scratch.unlink()
+            upload, size, sha = zstd_compress(scratch, self._tmp, level)
+            scratch.discard()
         else:
-            size, sha = file_digest(scratch)
-        key = self.location.key(name)
+            size, sha = scratch.digest()
+            scratch.close()
+            upload = scratch.path
         try:
-            self.client.upload_file(
-                str(upload), self.location.bucket, key,
-                ExtraArgs={"ContentType": "application/zstd" if compress
-                           else "application/octet-stream", "Metadata": {"sha256": sha}})
+            name = self._free_name(name, _numbered_name)
+            key = self.location.key(name)
+            upload_complete(self.client, upload, self.location.bucket, key, extra={
+                "ContentType": "application/zstd" if compress else "application/octet-stream",
+                "Metadata": {"sha256": sha}})
         except Exception as exc:  # noqa: BLE001 - botocore/boto3 errors: one line
             raise CaptureError(f"upload to {self.location.url(name)} failed: {exc}") from None
         finally:
             upload.unlink(missing_ok=True)
         return Stored(self.location.url(name), size, sha)
 
-    def discard(self, scratch: Path) -> None:
-        scratch.unlink(missing_ok=True)
+    def discard(self, scratch: Scratch) -> None:
+        scratch.discard()
 
-    def write_manifest(self, doc: dict[str, Any]) -> str:
+    def write_manifest(self, doc: dict[str, Any], started: datetime | None = None) -> str:
+        """The run's own manifest object, the index entry, and manifest.json.
+
+        S3 has no lock: two runs finishing at the same instant into one prefix
+        may each append to runs.json and one entry be lost; both runs' own
+        manifests remain (docs/fleet.md).
+        """
         body = (json.dumps(doc, indent=2) + "\n").encode()
-        key = self.location.key(MANIFEST_NAME)
+        loc = self.location
         try:
-            self.client.put_object(Bucket=self.location.bucket, Key=key, Body=body,
+            name = self._free_name(runindex.run_manifest_name(
+                started or datetime.now(timezone.utc)), runindex.numbered)
+            for key in (name, runindex.LATEST_NAME):
+                self.client.put_object(Bucket=loc.bucket, Key=loc.key(key), Body=body,
+                                       ContentType="application/json")
+            try:
+                old = self.client.get_object(Bucket=loc.bucket,
+                                             Key=loc.key(runindex.INDEX_NAME))["Body"].read()
+            except Exception as exc:  # noqa: BLE001
+                if not _s3_missing(exc):
+                    raise
+                old = None
+            self.client.put_object(Bucket=loc.bucket, Key=loc.key(runindex.INDEX_NAME),
+                                   Body=runindex.append_entry(old, runindex.index_entry(doc, name)),
                                    ContentType="application/json")
         except Exception as exc:  # noqa: BLE001
-            raise CaptureError(f"cannot write the manifest to "
-                               f"{self.location.url(MANIFEST_NAME)}: {exc}") from None
-        return self.location.url(MANIFEST_NAME)
+            raise CaptureError(f"cannot write the manifest to {loc.url(runindex.LATEST_NAME)}: "
+                               f"{exc}") from None
+        return loc.url(name)
+
+    def _free_name(self, name: str, numbered: Callable[[str, int], str]) -> str:
+        """``name``, or the first numbered variant no object has (another run's
+        object is never replaced; S3 has no create-exclusive, so two runs at
+        the same instant could still race)."""
+        candidate, n = name, 1
+        while self._exists(self.location.key(candidate)):
+            n += 1
+            candidate = numbered(name, n)
+        return candidate
+
+    def _exists(self, key: str) -> bool:
+        try:
+            self.client.head_object(Bucket=self.location.bucket, Key=key)
+            return True
+        except Exception as exc:  # noqa: BLE001
+            if _s3_missing(exc):
+                return False
+            raise
 
     def close(self) -> None:
         shutil.rmtree(self._tmp, ignore_errors=True)
@@ -981,14 +1113,14 @@ class Collector:
                     rec.unfrozen_threads = [t.tid for t in lay.threads if not t.frozen]
                     rec.freeze_micros = int(lay.freeze_micros)
                     if cfg.mode == "full":
-                        write_full_core(core, scratch,
+                        write_full_core(core, scratch.fd,
                                         progress=lambda n: self.progress.received(m.agent, n))
                     else:
-                        write_partial_core(core, scratch, stack_bytes=cfg.stack_bytes)
+                        write_partial_core(core, scratch.fd, stack_bytes=cfg.stack_bytes)
                         self.progress.received(m.agent, core.stats.data_bytes)
                     rec.wire_bytes = core.stats.wire_bytes
                 rec.seconds = time.monotonic() - t0      # closed: the target is thawed
-                rec.core_bytes = scratch.stat().st_size
+                rec.core_bytes = os.fstat(scratch.fd).st_size
                 t1 = time.monotonic()
                 stored = self.sink.store(scratch, name, cfg.compress, cfg.compress_level)
                 rec.store_seconds = time.monotonic() - t1
@@ -1001,7 +1133,7 @@ class Collector:
                 if exc.code in RETRYABLE and rec.attempts <= len(delays):
                     log.info("%s pid %d: %s; retry %d in %.2f s", m.host, m.pid, rec.error,
                              rec.attempts, delays[rec.attempts - 1])
-                    self.sink.discard(scratch)
+                    os.ftruncate(scratch.fd, 0)           # the next attempt starts afresh
                     if exc.code == grpc.StatusCode.UNAVAILABLE and channel is not None:
                         self.channels.renew(m.agent, channel)
                     self.sleep(delays[rec.attempts - 1])
@@ -1009,6 +1141,9 @@ class Collector:
             except Exception as exc:  # noqa: BLE001 - OSError, bad core, ...: one entry
                 rec.seconds = time.monotonic() - t0
                 rec.error, rec.code = _error_text(exc)
+            except BaseException:                 # Ctrl-C: no scratch file stays behind
+                self.sink.discard(scratch)
+                raise
             self.sink.discard(scratch)
             return rec
 
@@ -1059,7 +1194,7 @@ class Collector:
                                   compress=cfg.compress, destination=self.sink.destination,
                                   agents=agents, captures=records)
         try:
-            path = self.sink.write_manifest(manifest)
+            path = self.sink.write_manifest(manifest, started)
         finally:
             self.sink.close()
         return CollectResult(manifest, path)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import secrets
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 from .errors import CaptureError
@@ -41,6 +42,32 @@ def create_new(directory: Path, prefix: str, suffix: str = ".tmp") -> tuple[int,
         os.fchmod(fd, FILE_MODE)            # whatever the umask or a default ACL says
         return fd, path
     raise FileExistsError(f"no free temporary name in {directory}")
+
+
+def link_new(tmp: Path, directory: Path, name: str, *,
+             unique: Callable[[str, int], str] | None = None) -> str:
+    """Give the complete file ``tmp`` the name ``name`` in ``directory`` without
+    replacing anything there (a hard link fails on any existing name, a
+    planted symlink included), then drop ``tmp``.  A taken name becomes
+    ``unique(name, n)`` for n = 2, 3...; returns the name used.
+    """
+    unique = unique or (lambda base, n: f"{base}-{n}")
+    candidate = name
+    for n in range(2, 10_000):
+        try:
+            os.link(tmp, directory / candidate, follow_symlinks=False)
+        except FileExistsError:
+            candidate = unique(name, n)
+            continue
+        except OSError:                       # no hard links here (FAT, some FUSE)
+            if os.path.lexists(directory / candidate):
+                candidate = unique(name, n)
+                continue
+            os.replace(tmp, directory / candidate)
+            return candidate
+        os.unlink(tmp)
+        return candidate
+    raise FileExistsError(f"no free name for {name} in {directory}")
 
 
 def fsync_dir(directory: Path) -> None:

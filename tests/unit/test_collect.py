@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import threading
 import time
 from concurrent import futures
@@ -235,7 +236,8 @@ def test_a_whole_run_against_a_flaky_agent_and_a_missing_one(flaky, tmp_path: Pa
     assert m["summary"] == {"agents": 3, "agents_unreachable": 2, "captures": 3, "ok": 0,
                             "error": 3, "bytes": 0, "core_bytes": 0}
     assert [a["attempts"] for a in m["agents"]] == [2, 2, 0]
-    assert not [p for p in (tmp_path / "run").iterdir() if p.name != "manifest.json"], \
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
+        "manifest-20261126T132705Z.json", "manifest.json", "runs.json"], \
         "a failed capture left a file behind"
 
 
@@ -278,23 +280,40 @@ def test_s3_urls() -> None:
 
 # -- sinks --------------------------------------------------------------------------------------
 
-def sparse_file(path: Path, size: int = 8 << 20) -> bytes:
-    with open(path, "wb") as f:
-        f.write(b"ELF" * 100)
-        f.truncate(size)
-    return path.read_bytes()
+def sparse_file(scratch: c.Scratch, size: int = 8 << 20) -> bytes:
+    os.pwrite(scratch.fd, b"ELF" * 100, 0)
+    os.ftruncate(scratch.fd, size)
+    return scratch.path.read_bytes()
 
 
 def test_dir_sink_keeps_cores_sparse_and_hashes_them(tmp_path: Path) -> None:
     sink = c.DirSink(tmp_path / "out")
     assert (tmp_path / "out").stat().st_mode & 0o777 == 0o700
     scratch = sink.scratch("h_x_1.core")
-    assert scratch.name.startswith(".") and scratch.parent == tmp_path / "out"
+    assert scratch.path.name.startswith(".h_x_1.core.") and scratch.path.parent == tmp_path / "out"
+    assert scratch.path.stat().st_mode & 0o777 == 0o600
     data = sparse_file(scratch)
     stored = sink.store(scratch, "h_x_1.core", compress=False)
     final = tmp_path / "out" / "h_x_1.core"
     assert stored == c.Stored("h_x_1.core", len(data), hashlib.sha256(data).hexdigest())
-    assert not scratch.exists() and final.stat().st_blocks * 512 < 1 << 20
+    assert not scratch.path.exists() and final.stat().st_blocks * 512 < 1 << 20
+
+
+def test_dir_sink_never_replaces_a_file_nor_follows_a_link(tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"keep")
+    out = tmp_path / "out"
+    sink = c.DirSink(out)
+    (out / "h_x_1.core").symlink_to(secret)
+    (out / "h_x_1-2.core").write_bytes(b"an earlier run's core")
+    scratch = sink.scratch("h_x_1.core")
+    sparse_file(scratch, 4096)
+    stored = sink.store(scratch, "h_x_1.core", compress=False)
+    assert stored.path == "h_x_1-3.core"
+    assert secret.read_bytes() == b"keep" and (out / "h_x_1.core").is_symlink()
+    assert (out / "h_x_1-2.core").read_bytes() == b"an earlier run's core"
+    assert sorted(p.name for p in out.iterdir()) == ["h_x_1-2.core", "h_x_1-3.core",
+                                                     "h_x_1.core"]
 
 
 def test_dir_sink_compresses_with_zstd(tmp_path: Path) -> None:
@@ -307,20 +326,52 @@ def test_dir_sink_compresses_with_zstd(tmp_path: Path) -> None:
     assert stored.bytes == len(blob) < 4096 and stored.sha256 == hashlib.sha256(blob).hexdigest()
     assert zstd.ZstdDecompressor().decompress(blob) == data
     assert sorted(p.name for p in tmp_path.iterdir()) == ["h_x_1.core.zst"]
-    path = sink.write_manifest({"version": 1})
+    path = sink.write_manifest({"version": 1}, WHEN)
+    assert Path(path).name == "manifest-20261126T132705Z.json"
     assert json.loads(Path(path).read_text()) == {"version": 1}
     assert Path(path).stat().st_mode & 0o777 == 0o600
 
 
+def test_dir_sink_keeps_every_runs_manifest_and_an_index(tmp_path: Path) -> None:
+    sink = c.DirSink(tmp_path)
+    (tmp_path / "runs.json").symlink_to("/etc/shadow")      # planted: neither read nor followed
+    first = sink.write_manifest({"started": "a", "summary": {"ok": 1}}, WHEN)
+    second = sink.write_manifest({"started": "b", "summary": {"ok": 2}}, WHEN)
+    assert Path(first).name == "manifest-20261126T132705Z.json"
+    assert Path(second).name == "manifest-20261126T132705Z-2.json"
+    assert json.loads(Path(first).read_text())["started"] == "a"
+    assert json.loads((tmp_path / "manifest.json").read_text())["started"] == "b"
+    index = json.loads((tmp_path / "runs.json").read_text())
+    assert [(r["manifest"], r["summary"]) for r in index["runs"]] == [
+        (Path(first).name, {"ok": 1}), (Path(second).name, {"ok": 2})]
+    assert "root:" not in (tmp_path / "runs.json").read_text()
+    assert not (tmp_path / "runs.json").is_symlink()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "manifest-20261126T132705Z-2.json", "manifest-20261126T132705Z.json",
+        "manifest.json", "runs.json"]
+
+
 class FakeS3:
+    """put/get/head only: small cores are one PutObject (s3upload)."""
+
     def __init__(self) -> None:
         self.objects: dict[tuple[str, str], tuple[bytes, dict]] = {}
 
-    def upload_file(self, filename: str, bucket: str, key: str, ExtraArgs: dict) -> None:
-        self.objects[(bucket, key)] = (Path(filename).read_bytes(), ExtraArgs)
+    def put_object(self, Bucket: str, Key: str, Body: bytes, **extra: object) -> None:
+        self.objects[(Bucket, Key)] = (Body, extra)
 
-    def put_object(self, Bucket: str, Key: str, Body: bytes, ContentType: str) -> None:
-        self.objects[(Bucket, Key)] = (Body, {"ContentType": ContentType})
+    def _get(self, Bucket: str, Key: str) -> tuple[bytes, dict]:
+        if (Bucket, Key) not in self.objects:
+            err = KeyError(Key)
+            err.response = {"Error": {"Code": "NoSuchKey"}}  # type: ignore[attr-defined]
+            raise err
+        return self.objects[(Bucket, Key)]
+
+    def head_object(self, Bucket: str, Key: str) -> dict:
+        return self._get(Bucket, Key)[1]
+
+    def get_object(self, Bucket: str, Key: str) -> dict:
+        return {"Body": io.BytesIO(self._get(Bucket, Key)[0])}
 
 
 def test_s3_sink_uploads_after_writing_locally(tmp_path: Path) -> None:
@@ -329,10 +380,17 @@ def test_s3_sink_uploads_after_writing_locally(tmp_path: Path) -> None:
     scratch = sink.scratch("h_x_1.core")
     data = sparse_file(scratch, 1 << 16)
     stored = sink.store(scratch, "h_x_1.core", compress=False)
-    assert stored.path == "s3://bkt/p/q/h_x_1.core" and not scratch.exists()
+    assert stored.path == "s3://bkt/p/q/h_x_1.core" and not scratch.path.exists()
     body, extra = fake.objects[("bkt", "p/q/h_x_1.core")]
     assert body == data and extra["Metadata"]["sha256"] == stored.sha256
-    assert sink.write_manifest({"a": 1}) == "s3://bkt/p/q/manifest.json"
+    assert sink.write_manifest({"a": 1}, WHEN) == \
+        "s3://bkt/p/q/manifest-20261126T132705Z.json"
+    assert sink.write_manifest({"a": 2}, WHEN) == \
+        "s3://bkt/p/q/manifest-20261126T132705Z-2.json"
+    assert json.loads(fake.objects[("bkt", "p/q/manifest.json")][0]) == {"a": 2}
+    runs = json.loads(fake.objects[("bkt", "p/q/runs.json")][0])["runs"]
+    assert [r["manifest"] for r in runs] == ["manifest-20261126T132705Z.json",
+                                            "manifest-20261126T132705Z-2.json"]
     sink.close()
     assert not any(tmp_path.iterdir())
 

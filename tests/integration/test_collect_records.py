@@ -1,0 +1,210 @@
+"""`corepeek collect` keeps every record and stores only complete captures.
+
+Two runs into one directory keep both runs' manifests (and cores) and list
+both in runs.json; a capture cut short by its target's death leaves no file;
+planted symlinks are never written through; an S3 upload cut midway (a real
+TCP proxy in front of a real moto server drops the connection) leaves no
+object under the key and no multipart upload behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from harness.checks import assert_thawed_and_undisturbed
+from harness.targets import Target
+from test_fleet import S3_ENV, s3_server  # noqa: F401 - the fixture is used by name
+
+
+def corepeek(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "corepeek", *args], capture_output=True,
+                          text=True, timeout=180, stdin=subprocess.DEVNULL,
+                          env={**os.environ, **(env or {})})
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_two_runs_into_one_directory_keep_both_records(agent, build, require_root,
+                                                       tmp_path: Path) -> None:
+    out = tmp_path / "incident"
+    with Target(build("threads")) as t:
+        runs = []
+        for _ in range(2):
+            res = corepeek("collect", "--agents", agent.address, "--pid", str(t.pid),
+                           "--only", "notes", "--out", str(out))
+            assert res.returncode == 0, res.stderr
+            runs.append(res)
+        assert_thawed_and_undisturbed(t)
+    index = json.loads((out / "runs.json").read_text())["runs"]
+    assert len(index) == 2 and index[0]["manifest"] != index[1]["manifest"]
+    cores = set()
+    for entry, res in zip(index, runs):
+        assert entry["manifest"].startswith("manifest-") and entry["summary"]["ok"] == 1
+        assert f"manifest {out / entry['manifest']}" in res.stderr
+        manifest = json.loads((out / entry["manifest"]).read_text())
+        assert manifest["started"] == entry["started"]
+        [cap] = manifest["captures"]
+        assert cap["status"] == "ok" and cap["sha256"] == sha256(out / cap["path"])
+        cores.add(cap["path"])
+    assert len(cores) == 2, "the second run replaced the first run's core"
+    latest = json.loads((out / "manifest.json").read_text())
+    assert latest == json.loads((out / index[1]["manifest"]).read_text())
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        {*cores, *(e["manifest"] for e in index), "manifest.json", "runs.json"})
+
+
+def test_a_capture_cut_short_leaves_no_file(agent, build, require_root, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    with Target(build("bigmem"), ["-m", "768"]) as t:
+        proc = subprocess.Popen([sys.executable, "-m", "corepeek", "collect", "--agents",
+                                 agent.address, "--pid", str(t.pid), "--out", str(out),
+                                 "--retries", "0"], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:            # pause it mid-capture, then kill the target
+            tmps = list(out.glob(".*.tmp")) if out.exists() else []
+            if tmps and max((p.stat().st_size for p in tmps if p.exists()), default=0) > 16 << 20:
+                os.kill(proc.pid, signal.SIGSTOP)
+                break
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.002)
+        else:
+            raise AssertionError("the capture's scratch file did not grow")
+        t.send_signal(signal.SIGKILL)
+        os.kill(proc.pid, signal.SIGCONT)
+        _, err = proc.communicate(timeout=120)
+        assert t.wait_exit(10) == -signal.SIGKILL
+    assert proc.returncode == 1, err
+    [cap] = json.loads((out / "manifest.json").read_text())["captures"]
+    assert cap["status"] == "error" and cap["code"] == "NOT_FOUND" and cap["path"] is None
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [json.loads((out / "runs.json").read_text())["runs"][0]["manifest"], "manifest.json",
+         "runs.json"])
+
+
+# -- S3: an upload cut midway ------------------------------------------------------------------
+
+class CuttingProxy:
+    """TCP proxy to ``upstream`` that lets ``budget`` bytes of requests through in
+    all, then cuts any connection that sends more than ``grace`` bytes beyond it
+    (small requests -- abort, list, the manifest -- still pass)."""
+
+    def __init__(self, upstream: tuple[str, int], budget: int, grace: int = 64 * 1024) -> None:
+        self.upstream, self.budget, self.grace = upstream, budget, grace
+        self.sent = 0
+        self.cuts = 0
+        self._lock = threading.Lock()
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.port = self._server.getsockname()[1]
+        self._closing = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._closing:
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.upstream)
+            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, False),
+                             daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, request: bool) -> None:
+        over = 0
+        try:
+            while data := src.recv(65536):
+                if request:
+                    with self._lock:
+                        self.sent += len(data)
+                        if self.sent > self.budget:
+                            over += len(data)
+                    if over > self.grace:
+                        with self._lock:
+                            self.cuts += 1
+                        break
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                s.close()
+
+    def close(self) -> None:
+        self._closing = True
+        self._server.close()
+
+
+@pytest.fixture
+def s3_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for k, v in S3_ENV.items():
+        monkeypatch.setenv(k, v)
+
+
+def test_s3_upload_cut_midway_leaves_no_object(agent, build, require_root, s3_server: str,
+                                               s3_env: None) -> None:
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+    s3.create_bucket(Bucket="cores")
+    host, port = s3_server.removeprefix("http://").split(":")
+    proxy = CuttingProxy((host, int(port)), budget=20 << 20)
+    try:
+        with Target(build("bigmem"), ["-m", "64"]) as t:
+            res = corepeek("collect", "--agents", agent.address, "--pid", str(t.pid),
+                           "--out", "s3://cores/cut", "--retries", "0",
+                           "--s3-endpoint-url", f"http://127.0.0.1:{proxy.port}")
+            assert_thawed_and_undisturbed(t)
+    finally:
+        proxy.close()
+    assert res.returncode == 1, res.stderr
+    assert proxy.cuts > 0 and proxy.sent > 20 << 20, "the upload was not cut"
+    manifest = json.loads(s3.get_object(Bucket="cores", Key="cut/manifest.json")["Body"].read())
+    [cap] = manifest["captures"]
+    assert cap["status"] == "error" and "upload to s3://cores/cut/" in cap["error"], cap
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket="cores", Prefix="cut/")["Contents"]]
+    assert [k for k in keys if k.endswith(".core")] == [], keys
+    assert s3.list_multipart_uploads(Bucket="cores").get("Uploads", []) == [], \
+        "the cut multipart upload was not aborted"
+
+
+def test_s3_runs_keep_their_manifests_and_large_cores_arrive_whole(
+        agent, build, require_root, s3_server: str, s3_env: None) -> None:
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+    s3.create_bucket(Bucket="cores")
+    with Target(build("bigmem"), ["-m", "40"]) as t:       # > one 8 MiB part: multipart
+        for _ in range(2):
+            res = corepeek("collect", "--agents", agent.address, "--pid", str(t.pid),
+                           "--out", "s3://cores/inc", "--s3-endpoint-url", s3_server)
+            assert res.returncode == 0, res.stderr
+        assert_thawed_and_undisturbed(t)
+    runs = json.loads(s3.get_object(Bucket="cores", Key="inc/runs.json")["Body"].read())["runs"]
+    assert len(runs) == 2 and runs[0]["manifest"] != runs[1]["manifest"]
+    for r in runs:
+        m = json.loads(s3.get_object(Bucket="cores", Key=f"inc/{r['manifest']}")["Body"].read())
+        [cap] = m["captures"]
+        body = s3.get_object(Bucket="cores", Key=cap["path"].removeprefix("s3://cores/"))
+        data = body["Body"].read()
+        assert len(data) == cap["bytes"] == cap["core_bytes"] > 40 << 20
+        assert hashlib.sha256(data).hexdigest() == cap["sha256"]
+        assert data[:4] == b"\x7fELF"
