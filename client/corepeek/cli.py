@@ -370,7 +370,8 @@ def _add_collect_parser(add: Callable[..., argparse.ArgumentParser]) -> None:
     c = add(
         "collect", help="capture matching processes on many agents (a fleet)",
         description="List matching processes on every agent, capture them concurrently "
-        "and write one file per capture plus manifest.json (docs/fleet.md). Exit status 1 "
+        "and write one file per capture plus the run's manifest-UTCTIME.json, an entry in "
+        "runs.json and manifest.json, a copy of the newest (docs/fleet.md). Exit status 1 "
         "if any agent or capture failed (the manifest says which).")
     src = c.add_mutually_exclusive_group(required=True)
     src.add_argument("--agents", action="append", metavar="ADDR[,ADDR...]",
