@@ -24,9 +24,10 @@ import pytest
 
 from harness import checks
 from harness.capture import capture_file
-from harness.kernel_compare import NT_PRSTATUS, NT_X86_XSAVE_LAYOUT, NT_X86_XSTATE, \
-    assert_same_as_kernel
-from harness.kernel_core import allow_core_dump, kernel_cores, xsave_size
+from harness.kernel_compare import (NT_PRSTATUS, NT_X86_XSAVE_LAYOUT, NT_X86_XSTATE,
+                                    assert_same_as_kernel)
+from harness.kernel_core import (CORE_PATTERN, CORE_USES_PID, allow_core_dump, cannot_check,
+                                 kernel_cores, xsave_size)
 from harness.targets import Target
 
 RIP, RSP = 16, 19                      # word indexes in the x86_64 user_regs_struct
@@ -68,3 +69,24 @@ def test_same_headers_notes_and_loads_as_the_kernel(agent, build, tmp_path: Path
     for role in PARKED_ROLES:
         tid = int(target.ready[role])
         assert _pc_sp(threads[tid][NT_PRSTATUS]) == _pc_sp(theirs.threads()[tid][NT_PRSTATUS]), role
+
+
+def test_given_a_failure_while_the_kernel_writes_here_then_core_pattern_is_restored(
+        tmp_path: Path) -> None:
+    """kernel_cores() asserts on the way out that both sysctls read back as saved
+    (under the lock, so no other suite can have changed them meanwhile); an error
+    inside must not skip that."""
+    with pytest.raises(RuntimeError, match="inside"):
+        with kernel_cores(tmp_path):
+            assert CORE_PATTERN.read_text().strip() == f"{tmp_path.resolve()}/core.%p"
+            assert CORE_USES_PID.read_text().strip() == "0"
+            raise RuntimeError("inside")
+
+
+@pytest.mark.parametrize("ci", ["true", ""])
+def test_given_ci_then_an_unverifiable_kernel_claim_fails_instead_of_skipping(
+        monkeypatch: pytest.MonkeyPatch, ci: str) -> None:
+    monkeypatch.setenv("CI", ci)
+    expected = pytest.fail.Exception if ci == "true" else pytest.skip.Exception
+    with pytest.raises(expected, match="no core_pattern"):
+        cannot_check("no core_pattern")
