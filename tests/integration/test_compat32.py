@@ -10,7 +10,6 @@ undisturbed, and kills and reaps it in ``finally``.
 from __future__ import annotations
 
 import os
-import resource
 import select
 import signal
 import struct
@@ -25,6 +24,8 @@ from elftools.elf.elffile import ELFFile
 from corepeek.dump import write_full_core
 from corepeek.remote import open_capture
 from harness import checks, tools
+from harness.kernel_compare import assert_same_as_kernel
+from harness.kernel_core import allow_core_dump, cannot_check, kernel_cores
 from harness.targets import Target, TargetError, build_target, proc_status_field, threads_pattern
 
 TARGETS32 = Path(__file__).resolve().parent.parent / "targets32"
@@ -53,7 +54,7 @@ def threads32(bindir: Path) -> Path:
     try:
         return build_target("threads", bindir, m32=True)
     except TargetError as exc:
-        pytest.skip(f"cannot build a 32-bit target: {exc}")
+        cannot_check(f"cannot build a 32-bit target: {exc}")
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +64,7 @@ def tls_desc(bindir: Path) -> Path:
                           "-fno-stack-protector", "-O1", "-Wall", "-Wextra", "-o", str(out),
                           str(TARGETS32 / "tls_desc.c")], capture_output=True, text=True)
     if res.returncode != 0:
-        pytest.skip(f"cannot build tls_desc with gcc -m32: {res.stderr.strip()[:300]}")
+        cannot_check(f"cannot build tls_desc with gcc -m32: {res.stderr.strip()[:300]}")
     return out
 
 
@@ -75,33 +76,6 @@ def no_leftovers(require_root: None) -> Iterator[None]:
 
 
 # -- helpers -------------------------------------------------------------------------------
-
-
-def _plain_core_pattern() -> str | None:
-    """None if the kernel writes ./core-like files in the cwd, else why not."""
-    pattern = Path("/proc/sys/kernel/core_pattern").read_text().strip()
-    if not pattern or pattern.startswith("|") or "/" in pattern:
-        return f"core_pattern is {pattern!r}, not a plain file name in the crashing cwd"
-    return None
-
-
-def _allow_core(pid: int) -> None:
-    resource.prlimit(pid, resource.RLIMIT_CORE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
-
-
-def _find_kernel_core(cwd: Path, exclude: set[Path], timeout: float = 20.0) -> Path:
-    """The ET_CORE file the kernel wrote in cwd (whatever %-specifiers named it)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for path in sorted(cwd.iterdir()):
-            if path in exclude or not path.is_file():
-                continue
-            with open(path, "rb") as f:
-                head = f.read(18)
-            if head[:4] == b"\x7fELF" and struct.unpack_from("<H", head, 16)[0] == 4:
-                return path
-        time.sleep(0.05)
-    raise AssertionError(f"the kernel wrote no core in {cwd} (RLIMIT_CORE, core_pattern?)")
 
 
 def _assert_tasks_thawed(pid: int) -> None:
@@ -254,37 +228,28 @@ def test_given_i386_threads_when_captured_then_tools_read_an_elf32_core(
 
 
 def test_given_i386_target_then_the_kernel_compat_core_has_the_same_shape(
-        agent, threads32: Path, tmp_path: Path,  # type: ignore[no-untyped-def]
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    if (why := _plain_core_pattern()) is not None:
-        pytest.skip(why)
-    monkeypatch.chdir(tmp_path)                    # the target (and its core) live here
+        agent, threads32: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Header, note list and PT_LOADs equal; AUXV, NT_FILE, the XSAVE layout, the stable
+    PRPSINFO and PRSTATUS fields byte for byte (see harness.kernel_compare for what
+    differs by design and why); NT_386_TLS per thread and parked threads' eip/esp too."""
     ours = tmp_path / "ours.corepeek"
     with Target(threads32) as target:              # __exit__ kills and reaps it
-        _allow_core(target.pid)
+        allow_core_dump(target.pid)
         _capture(agent.address, target.pid, ours)
         checks.assert_thawed_and_undisturbed(target)
-        target.send_signal(signal.SIGSEGV)
-        target.wait_exit(timeout=30)
+        with kernel_cores(tmp_path) as cores:
+            target.send_signal(signal.SIGSEGV)
+            target.wait_exit(timeout=30)
+            kernel_path = cores.core_of(target.pid)
     assert target.exit_code == -signal.SIGSEGV
-    kernel = Core(_find_kernel_core(tmp_path, {ours}))
-    mine = Core(ours)
 
-    assert mine.header == kernel.header and mine.ident == kernel.ident
-    assert mine.shape() == kernel.shape()
-    assert mine.loads == kernel.loads
-    for ntype in (6, 0x46494C45, NT_X86_XSAVE_LAYOUT):      # auxv, NT_FILE, XSAVE layout
-        if any(t == ntype for _, t, _ in kernel.notes):
-            assert mine.note(ntype) == kernel.note(ntype), hex(ntype)
-    # prpsinfo: identity fields (state, flags and psargs differ in a dying process)
-    a, b = mine.note(3), kernel.note(3)
-    assert a[8:44] == b[8:44]                                # uid gid pid ppid pgrp sid fname
+    assert_same_as_kernel(ours, kernel_path)
+    kernel, mine = Core(kernel_path), Core(ours)
+    assert mine.ident == kernel.ident
+    assert [t for _, t, _ in kernel.notes].count(NT_X86_XSAVE_LAYOUT) == 1   # compared above
     threads_a, threads_b = mine.threads(), kernel.threads()
-    assert set(threads_a) == set(threads_b)
     for pid, notes in threads_a.items():
-        pa, pb = notes[1], threads_b[pid][1]
-        assert pa[20:40] == pb[20:40], f"thread {pid}: sighold/pid/ppid/pgrp/sid differ"
-        assert notes[NT_386_TLS] == threads_b[pid][NT_386_TLS]
+        assert notes[NT_386_TLS] == threads_b[pid][NT_386_TLS], f"thread {pid}: NT_386_TLS"
     for role in PARKED_ROLES:
         tid = int(target.ready[role])
         ra, rb = _regs(threads_a[tid][1]), _regs(threads_b[tid][1])
@@ -305,7 +270,7 @@ def test_given_tls_descriptors_then_nt_386_tls_follows_regset_tls_active(
         assert proc.stdout is not None
         ready = proc.stdout.readline()
         assert ready.startswith(b"ready entry="), ready
-        _allow_core(proc.pid)
+        allow_core_dump(proc.pid)
         _capture(agent.address, proc.pid, ours)
         _assert_tasks_thawed(proc.pid)
         # It keeps running: its 20 ms heartbeat dots keep coming.
@@ -316,12 +281,11 @@ def test_given_tls_descriptors_then_nt_386_tls_follows_regset_tls_active(
         assert got.count(b".") >= 3, "the target stopped running after the capture"
         mine = Core(ours)
         assert any(t == NT_386_TLS for _, t, _ in mine.notes) is has_tls
-        if (why := _plain_core_pattern()) is None:
+        with kernel_cores(tmp_path) as cores:          # the kernel agrees, whatever the host
             proc.send_signal(signal.SIGSEGV)
-            proc.wait(timeout=30)
-            kernel = Core(_find_kernel_core(tmp_path, {ours}))
-            assert mine.shape() == kernel.shape()
-            assert mine.loads == kernel.loads and mine.header == kernel.header
+            assert proc.wait(timeout=30) == -signal.SIGSEGV
+            kernel = cores.core_of(proc.pid)
+        assert_same_as_kernel(ours, kernel)
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -1,12 +1,17 @@
 """NT_X86_XSAVE_LAYOUT: where each XSAVE feature lives in NT_X86_XSTATE.
 
-Since Linux 6.x the kernel appends this per-process note after the thread
+Since Linux 6.14 the kernel appends this per-process note after the thread
 notes so debuggers need not guess the XSAVE layout (it differs between Intel
-and AMD CPUs).  Records are ``(type, size, offset, flags)`` for every extended
-user feature (bit 2 and up) of the XCR0 mask, with size/offset/flags from
-CPUID leaf 0xD.  The mask is the XCR0 word the kernel stores in the
-software-reserved bytes of the ptrace/core xstate (USER_XSTATE_XCR0_WORD, the
-same place gdb reads it from).
+and AMD CPUs).  ``dump_xsave_layout_desc`` (arch/x86/kernel/fpu/xstate.c)
+writes one ``struct x86_xfeat_component {u32 type, size, offset, flags}`` for
+every extended feature (bit 2 and up) of ``fpu_user_cfg.max_features``: size
+and offset are CPUID(0xD, bit).EAX/EBX, and flags is always 0 ("reserved for
+future use") -- not CPUID's ECX, which is non-zero for AMX (64-byte
+alignment, XFD).  The mask is the XCR0 word the kernel stores in the
+software-reserved bytes of every ptrace/core xstate (USER_XSTATE_XCR0_WORD,
+set from that same ``max_features``; gdb reads it there too).  A non-zero
+mask without extended features still gets the note, empty, as the kernel
+writes it since commit c8161e5304ab.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import ctypes.util
 import logging
 import mmap
 import struct
+from collections.abc import Callable
 from functools import cache
 
 from ..elfcore.constants import NoteType
@@ -24,6 +30,8 @@ log = logging.getLogger(__name__)
 
 NT_X86_XSAVE_LAYOUT = 0x205
 _XCR0_OFFSET = 464              # sw_reserved[USER_XSTATE_XCR0_WORD] of the FXSAVE area
+_FIRST_EXTENDED_XFEATURE = 2    # bits 0 and 1 (x87, SSE) live in the legacy area
+_XFEAT_COMPONENT = struct.Struct("<IIII")   # struct x86_xfeat_component
 
 # void cpuid(u32 leaf, u32 subleaf, u32 out[4]) for the SysV x86-64 ABI:
 # push rbx; mov eax,edi; mov ecx,esi; mov r8,rdx; cpuid;
@@ -73,18 +81,30 @@ def xfeatures_from_xstate(xstate: bytes) -> int | None:
     return int(features) or None
 
 
-@cache
-def xsave_layout_desc(features: int) -> bytes | None:
+CpuidLeaf = Callable[[int], tuple[int, int, int, int] | None]
+
+
+def layout_records(features: int, xstate_leaf: CpuidLeaf) -> bytes | None:
+    """The note's desc for an XCR0 mask; ``xstate_leaf(bit)`` is CPUID(0xD, bit).
+
+    None if a sub-leaf cannot be read (the layout would be a guess).
+    """
     out = []
-    for bit in range(2, 64):
+    for bit in range(_FIRST_EXTENDED_XFEATURE, 64):
         if not features >> bit & 1:
             continue
-        regs = cpuid(0xD, bit)
+        regs = xstate_leaf(bit)
         if regs is None:
             return None
-        size, offset, flags, _ = regs
-        out.append(struct.pack("<IIII", bit, size, offset, flags))
-    return b"".join(out) or None
+        size, offset, _cpuid_flags, _ = regs
+        out.append(_XFEAT_COMPONENT.pack(bit, size, offset, 0))    # flags: reserved, 0
+    return b"".join(out)
+
+
+@cache
+def xsave_layout_desc(features: int) -> bytes | None:
+    """:func:`layout_records` on this CPU (cached: CPUID does not change)."""
+    return layout_records(features, lambda bit: cpuid(0xD, bit))
 
 
 def xsave_layout_notes(xstate: bytes) -> list[tuple[int, bytes]]:
@@ -93,7 +113,7 @@ def xsave_layout_notes(xstate: bytes) -> list[tuple[int, bytes]]:
     if features is None:
         return []
     desc = xsave_layout_desc(features)
-    return [(NT_X86_XSAVE_LAYOUT, desc)] if desc else []
+    return [] if desc is None else [(NT_X86_XSAVE_LAYOUT, desc)]
 
 
 def extra_notes(regsets: list[tuple[int, bytes]]) -> list[tuple[int, bytes]]:
