@@ -6,6 +6,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -23,6 +24,14 @@ HOSTILE_COMM = "x\n\x1b[2Jy"
 HOSTILE_THREAD = "w\x7f\x1b]0;t\a"
 
 
+def unique_copy(exe: Path, tmp_path: Path) -> Path:
+    """``exe`` under a name (hence comm) no other process on the machine has: other
+    test sessions may run the same target binary at the same time."""
+    copy = tmp_path / f"cp{secrets.token_hex(6)}"            # 14 characters: the whole comm
+    shutil.copy(exe, copy)
+    return copy
+
+
 def corepeek(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     environ = {k: v for k, v in os.environ.items() if k != "COREPEEK_AGENT"}
     return subprocess.run([sys.executable, "-m", "corepeek", *args], capture_output=True,
@@ -32,9 +41,9 @@ def corepeek(*args: str, env: dict[str, str] | None = None) -> subprocess.Comple
 
 # -- which agent ------------------------------------------------------------------------------
 
-def test_agent_from_the_environment(agent, build, require_root) -> None:
-    with Target(build("threads")) as t:
-        res = corepeek("ps", "--comm", t.exe.name[:15], env={"COREPEEK_AGENT": agent.address})
+def test_agent_from_the_environment(agent, build, require_root, tmp_path: Path) -> None:
+    with Target(unique_copy(build("threads"), tmp_path)) as t:
+        res = corepeek("ps", "--comm", t.exe.name, env={"COREPEEK_AGENT": agent.address})
         assert res.returncode == 0, res.stderr
         assert [int(line.split()[0]) for line in res.stdout.splitlines()[1:]] == [t.pid]
 
@@ -58,8 +67,8 @@ def test_agent_defaults_to_the_local_socket_then_fails_clearly(
         build, require_root, tmp_path: Path, local_socket_lock: None) -> None:
     a = start_agent(tmp_path, "--sessions-per-minute", "0", listen=f"unix:{LOCAL_SOCKET}")
     try:
-        with Target(build("threads")) as t:
-            res = corepeek("ps", "--comm", t.exe.name[:15])
+        with Target(unique_copy(build("threads"), tmp_path)) as t:
+            res = corepeek("ps", "--comm", t.exe.name)
             assert res.returncode == 0, res.stderr
             assert str(t.pid) in res.stdout
     finally:
@@ -89,10 +98,10 @@ def test_quiet_after_the_subcommand(agent, build, require_root, tmp_path: Path) 
 
 def test_dump_by_comm_captures_the_one_match(agent, build, require_root,
                                             tmp_path: Path) -> None:
-    threads = build("threads")
+    threads = unique_copy(build("threads"), tmp_path)
     out = tmp_path / "core"
     with Target(threads) as t:
-        res = corepeek("dump", "--agent", agent.address, "--comm", threads.name[:15],
+        res = corepeek("dump", "--agent", agent.address, "--comm", threads.name,
                        "--only", "notes", "-o", str(out))
         assert res.returncode == 0, res.stderr
         assert f"capturing pid {t.pid} " in res.stderr and f"core of pid {t.pid} " in res.stderr
