@@ -195,3 +195,19 @@ def test_given_direct_writes_the_kernel_refuses_when_written_then_the_page_cache
     _check(out, size, pieces)
     assert stats.direct_fallback == "direct write refused: EINVAL"
     assert stats.direct_bytes == 0 and stats.buffered_bytes == 6 * MIB
+
+
+def test_given_the_descriptor_of_an_atomic_output_then_it_goes_direct_into_that_file(
+        tmp_path: Path) -> None:
+    from corepeek.outfile import AtomicOutput
+
+    size = 8 * MIB
+    pieces = [(off, MIB) for off in range(0, size, MIB)]
+    out = tmp_path / "core"
+    with AtomicOutput(out) as dest:
+        stats = _write(dest.fd, size, pieces, spill=False)          # type: ignore[arg-type]
+        assert not out.exists()
+        dest.commit()
+    _check(out, size, pieces)
+    assert stats.direct_fallback == "" and stats.direct_bytes == size, stats
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["core"]
