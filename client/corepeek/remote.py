@@ -21,12 +21,12 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import grpc
+from corepeek_format.ranges import merge_ranges
 from google.protobuf.message import DecodeError
 
 from .channel import TLSOptions, open_channel
 from .errors import CaptureError
 from .inflate import Inflate, zstd_inflater
-from .ranges import merge_ranges
 from .v1 import capture_pb2 as pb
 
 MODES = {"full": pb.CAPTURE_MODE_FULL, "stacks": pb.CAPTURE_MODE_STACKS,

@@ -18,10 +18,11 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from . import dynlink, procfs, snapshot
+from corepeek_format import dynlink, regions
+
+from . import procfs, snapshot
 from .arch import ARCHES, ArchSpec
 from .arch.base import select_arch
-from .elfcore import regions
 from .elfcore.dumpfilter import vma_dump_size
 from .elfcore.layout import Bytes, CoreLayout, Memory, Zeros
 from .elfcore.model import DumpedMapping, Mapping, ProcessState, ThreadState

@@ -27,7 +27,7 @@ from corepeek.errors import CaptureError
 from corepeek.notes_summary import render_text, summarize
 from corepeek.partial import local_stacks_plan, write_partial_core
 from corepeek.remote import open_capture
-from corepeek_agent.elfcore import regions
+from corepeek_format import regions
 from harness.checks import assert_thawed_and_undisturbed
 from harness.kernel_core import xsave_size
 from harness.targets import Target, TargetError

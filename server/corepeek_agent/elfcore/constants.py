@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from enum import IntEnum, IntFlag
 
+# One page size for the core writer and the shared range planner.
+from corepeek_format.elfstructs import PAGE_SIZE  # noqa: F401  (re-exported)
+
 ELFMAG = b"\x7fELF"
 EV_CURRENT = 1
 ELFDATA2LSB = 1
 ET_CORE = 4
 PN_XNUM = 0xFFFF
 SHT_NULL = 0
-PAGE_SIZE = 4096  # ELF_EXEC_PAGESIZE on x86; segment data starts page aligned
 
 
 class ElfClass(IntEnum):

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
-from corepeek.elfstructs import EHDR, PHDR, SHDR, pack_phdr
+from corepeek_format.elfstructs import EHDR, PHDR, SHDR, pack_phdr
 
 from ..arch.base import ArchSpec
 from .constants import (ELFDATA2LSB, ELFMAG, ET_CORE, EV_CURRENT, PAGE_SIZE, PN_XNUM,

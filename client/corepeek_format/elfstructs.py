@@ -9,6 +9,7 @@ from __future__ import annotations
 import struct
 
 ELFCLASS32, ELFCLASS64 = 1, 2
+PAGE_SIZE = 4096  # ELF_EXEC_PAGESIZE on x86; segment data starts page aligned
 
 EHDR = {ELFCLASS64: struct.Struct("<16sHHIQQQIHHHHHH"),
         ELFCLASS32: struct.Struct("<16sHHIIIIIHHHHHH")}
