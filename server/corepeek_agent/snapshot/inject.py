@@ -9,6 +9,7 @@ was interrupted in restarts as it would have.  See the package docstring.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
