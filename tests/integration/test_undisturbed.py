@@ -139,5 +139,5 @@ def test_cgroup_v1_freezer_causes_the_same_eintr(build, require_root, tmp_path: 
     finally:
         group.rmdir()
     # The kernel's own freezer interrupts the same class of calls (not all of
-    # them: FACTS.md lists epoll_wait, semop, semtimedop for cgroup v1).
+    # them: docs/measurements.md lists epoll_wait, semop, semtimedop for cgroup v1).
     assert diff["epoll"] == 1 and diff["semop"] == 1 and diff["semtimedop"] == 1, diff
