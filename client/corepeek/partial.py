@@ -29,15 +29,14 @@ from pathlib import Path
 
 import grpc
 from corepeek_format import dynlink, regions
-from corepeek_format.elfstructs import EHDR, ELFCLASS64, PAGE_SIZE, PHDR, SHDR, pack_phdr
+from corepeek_format.elfstructs import (EHDR, ELFCLASS64, PAGE_SIZE, PHDR, PN_XNUM, PT_LOAD,
+                                        PT_NOTE, SHDR, pack_phdr)
 from corepeek_format.ranges import merge_ranges
 
 from .errors import CaptureError
 from .remote import RemoteCore, RemoteCoreFile
 from .v1 import capture_pb2 as pb
 
-PT_LOAD, PT_NOTE = 1, 4
-PN_XNUM = 0xFFFF
 DEFAULT_STACK_BYTES = 8 * 1024 * 1024   # the agent's default cap per thread
 
 Range = tuple[int, int]     # (offset in the full core, length)
