@@ -1,4 +1,4 @@
-"""The ``corepeek`` command: agent, ps, dump, notes.
+"""The ``corepeek`` command: agent, ps, dump, notes, collect.
 
 Exit codes: 0 success, 1 capture/agent error (one line on stderr), 2 usage.
 """
@@ -23,16 +23,16 @@ EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 
 
 def _agent(args: argparse.Namespace) -> int:
+    # The one place the client package reaches into the agent: this command runs it.
     from corepeek_agent.server import serve
     from corepeek_agent.service import AgentConfig
+    from corepeek_agent.tls import TLSFiles
 
     config = AgentConfig(max_sessions=args.max_sessions,
                          max_freeze_seconds=args.max_freeze,
                          default_thread_timeout=args.thread_timeout_ms / 1000,
                          keepalive_seconds=args.keepalive,
                          keepalive_timeout_seconds=args.keepalive_timeout)
-    from corepeek_agent.tls import TLSFiles
-
     serve(args.listen, insecure=args.insecure, config=config,
           socket_mode=int(args.socket_mode, 8), socket_group=args.socket_group,
           tls=TLSFiles.from_args(args.tls_cert, args.tls_key, args.tls_ca),
