@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Sequence, Union
 
 TARGETS_DIR = Path(__file__).resolve().parent.parent / "targets"
-TARGET_NAMES = ("threads", "eintr_probe", "vfork_parent", "bigmem", "parent_watch", "dumpfilter")
+TARGET_NAMES = ("threads", "eintr_probe", "vfork_parent", "bigmem", "parent_watch", "dumpfilter",
+                "manymaps")
 CFLAGS = ("-g", "-O0", "-pthread", "-fno-omit-frame-pointer", "-Wall", "-Wextra")
 COMMON_SOURCE = "cp_common.c"
 
