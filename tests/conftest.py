@@ -1,7 +1,8 @@
 """Shared fixtures: a real corepeek agent subprocess on a Unix socket.
 
 Integration tests talk to it over real gRPC; nothing here mocks the kernel,
-the agent or gRPC. The agent helpers live in ``harness.agents``.
+the agent or gRPC. The agent helpers live in ``harness.agents``. At the end of
+the run no process the tests started may still be alive (pytest_sessionfinish).
 """
 
 from __future__ import annotations
@@ -9,8 +10,8 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
