@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from corepeek.remote import open_capture
-from harness.checks import assert_thawed_and_undisturbed
+from harness.checks import assert_thawed_and_undisturbed, wait_thawed
 from harness.targets import Target, sigqueue
 
 SIGRT = signal.SIGRTMIN + 2
@@ -145,16 +145,19 @@ def test_poll_is_not_interrupted_and_keeps_its_deadline(agent, build, require_ro
     timeout_us = 1_000_000
     with Target(build("eintr_probe")) as t:
         # Freeze a poll about 0.2 s after it started (readiness: its start time).
+        deadline = time.monotonic() + 10
         while True:
             st = t.status()
             started = int(st["poll_start_us"])
             into = time.monotonic() * 1e6 - started
             if 150_000 <= into <= 400_000:
                 break
+            assert time.monotonic() < deadline, st
             time.sleep(0.02)
         with open_capture(agent.address, t.pid):
             assert set(t.thread_states().values()) == {"t"}
             time.sleep(0.5)                       # hold the freeze across the poll
+        wait_thawed(t)
         thawed_us = time.monotonic() * 1e6
         deadline = time.monotonic() + 5
         while int((st := t.status())["poll_last_start_us"]) < started:
