@@ -328,14 +328,20 @@ S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
 
 
 def test_s3_output_uploads_cores_and_manifest(agent, build, s3_server: str,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+                                              monkeypatch: pytest.MonkeyPatch,
+                                              tmp_path: Path) -> None:
+    import shutil
+
     import boto3
 
     for k, v in S3_ENV.items():
         monkeypatch.setenv(k, v)
     s3 = boto3.client("s3", endpoint_url=s3_server)
     s3.create_bucket(Bucket="cores")
-    threads = build("threads")
+    # A name of this run's own: the agent sees the whole machine, where other
+    # suites may run (and trace) the same threads binary.
+    threads = tmp_path / f"s3thr-{os.getpid()}"
+    shutil.copy2(build("threads"), threads)
     with Target(threads) as a, Target(threads) as b:
         res = corepeek("collect", "--agents", agent.address, "--comm", threads.name[:15],
                        "--only", "stacks", "--out", "s3://cores/fleet/run1",
