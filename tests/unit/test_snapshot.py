@@ -438,8 +438,9 @@ def test_commands_queued_when_the_tracer_ends_fail(fake_freezer) -> None:  # typ
     f.thaw()
     a.join(5)
     b.join(5)
-    assert results[0] == "slow"
-    assert len(results) == 2 and isinstance(results[1], TracerGone), results
+    # The running command completes; the queued one fails (either may report first).
+    assert len(results) == 2 and results.count("slow") == 1, results
+    assert sum(isinstance(r, TracerGone) for r in results) == 1, results
 
 
 def test_pid_as_seen_by_the_same_namespace() -> None:
