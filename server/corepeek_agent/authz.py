@@ -50,6 +50,13 @@ PIDFD_COREDUMP_USER = 1 << 2          # dumpable (SUID_DUMP_USER)
 PIDFD_COREDUMP_SKIP = 1 << 1          # not dumpable (SUID_DUMP_DISABLE)
 PIDFD_COREDUMP_ROOT = 1 << 3          # only root may dump (SUID_DUMP_ROOT, setuid + suid_dumpable=2)
 
+# TEST ONLY: COREPEEK_TEST_PROC_DUMPABLE=1 in the agent's environment at start
+# makes it never ask the kernel for PIDFD_INFO_COREDUMP, so the /proc fallback
+# of kernels before 6.16 runs on any kernel (tests/integration/
+# test_dumpable_fallback.py).  Never set it in production: it only ever makes
+# the agent know less, and it says so in its log at start.
+FORCE_PROC_DUMPABLE = os.environ.get("COREPEEK_TEST_PROC_DUMPABLE") == "1"
+
 
 PIDFD_THREAD = os.O_EXCL            # pidfd_open flag (Linux 6.9+): a pidfd for one thread
 
@@ -63,7 +70,8 @@ class PidfdInfo:
 
 def pidfd_info(pidfd: int) -> PidfdInfo:
     """Credentials and dumpability of the process behind ``pidfd`` (race-free vs pid reuse)."""
-    buf = bytearray(_PIDFD_INFO.pack(PIDFD_INFO_CREDS | PIDFD_INFO_COREDUMP, *([0] * 15)))
+    want = PIDFD_INFO_CREDS | (0 if FORCE_PROC_DUMPABLE else PIDFD_INFO_COREDUMP)
+    buf = bytearray(_PIDFD_INFO.pack(want, *([0] * 15)))
     try:
         fcntl.ioctl(pidfd, _PIDFD_GET_INFO, buf)
     except OSError as exc:

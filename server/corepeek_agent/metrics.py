@@ -226,6 +226,7 @@ class HealthPort:
         self.port = self.server.add_insecure_port(target)
         if not self.port:
             raise OSError(f"cannot bind the health port {address}")
+        log.info("health on %s", f"{host}:{self.port}")
         self.set_serving(False)
 
     def start(self) -> None:

@@ -18,6 +18,7 @@ from corepeek.v1 import capture_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from . import authz
 from .authz import Guard
 from .errors import CorepeekError
 from .registry import SessionRegistry
@@ -197,6 +198,9 @@ def serve(address: str, *, insecure: bool = False, config: AgentConfig = AgentCo
     from .metrics import AgentMetrics, HealthPort, configure_logging
 
     configure_logging(log_format)
+    if authz.FORCE_PROC_DUMPABLE:
+        log.warning("COREPEEK_TEST_PROC_DUMPABLE=1 (tests only): dumpability from /proc, "
+                    "not PIDFD_INFO_COREDUMP")
     raise_malloc_thresholds()
     certificates = ReloadingCertificates(tls) if tls is not None else None
     guard = Guard.for_listener(local_transport=certificates is None, policy_path=policy_path,

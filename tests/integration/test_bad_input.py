@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import time
 from collections.abc import Iterator
 from typing import TypeVar
 
@@ -94,7 +95,7 @@ def test_target_traced_by_another_debugger_is_failed_precondition(agent, build, 
             for _ in range(200):
                 if t.tracer_pid():
                     break
-                subprocess.run(["sleep", "0.05"])
+                time.sleep(0.05)
             assert t.tracer_pid() == gdb.pid
             with pytest.raises(CaptureError) as exc:
                 open_capture(agent.address, t.pid)
@@ -102,7 +103,12 @@ def test_target_traced_by_another_debugger_is_failed_precondition(agent, build, 
             assert "traced" in str(exc.value)
             assert t.tracer_pid() == gdb.pid        # gdb's session is untouched
         finally:
-            gdb.communicate("detach\nquit\n", timeout=30)
+            try:
+                gdb.communicate("detach\nquit\n", timeout=30)
+            except subprocess.TimeoutExpired:
+                gdb.kill()              # never leave gdb (and its tracee) behind
+                gdb.communicate()
+                raise
         t.wait_state("SR")
         assert_thawed_and_undisturbed(t)
 

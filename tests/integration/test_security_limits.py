@@ -48,6 +48,7 @@ def test_max_freeze_thaws_and_ends_the_stream(tmp_path: Path, build) -> None:
     a = start_agent(tmp_path, "--max-freeze", "1", "--audit-log", str(tmp_path / "audit"))
     try:
         with Target(build("threads")) as t:
+            t.command("resetgap")
             core = open_capture(a.address, t.pid)
             try:
                 opened = time.monotonic()
@@ -65,7 +66,10 @@ def test_max_freeze_thaws_and_ends_the_stream(tmp_path: Path, build) -> None:
                                           grpc.StatusCode.DEADLINE_EXCEEDED)
             finally:
                 core.close()
-            assert_thawed_and_undisturbed(t)
+            st = assert_thawed_and_undisturbed(t)
+            # The target's own clock: its heartbeat stalled for about
+            # --max-freeze and no longer (the audit value below is clamped).
+            assert 900_000 <= st["maxgap_us"] <= 2_000_000, st
             line = wait_audit(tmp_path / "audit", pid=t.pid)
             assert line["outcome"] == "expired" and line["code"] == "DEADLINE_EXCEEDED"
             assert 0.9 <= line["freeze_seconds"] <= 1.5

@@ -30,7 +30,7 @@ from harness.checks import assert_thawed_and_undisturbed
 from harness.targets import Target
 
 from security_pki import ONCALL, PKI, READER_DNS, make_pki
-from security_util import (assert_untouched, audit_lines, credentials, free_port, tls_channel,
+from security_util import (assert_untouched, audit_lines, credentials, tls_channel,
                            tls_options, traced_or_stopped, wait_audit, write_policy)
 
 
@@ -47,14 +47,13 @@ class TLSAgent:
 def _start_tls_agent(tmp: Path, pki: PKI, policy: dict, *extra: str,
                      cert: Path | None = None, key: Path | None = None,
                      ca: Path | None = None) -> TLSAgent:
-    port = free_port()
     audit = tmp / "audit.jsonl"
     policy_path = write_policy(tmp / "policy.yaml", policy)
     agent = start_agent(tmp, "--tls-cert", str(cert or pki.server.cert),
                         "--tls-key", str(key or pki.server.key), "--tls-ca", str(ca or pki.ca.path),
                         "--policy", str(policy_path), "--audit-log", str(audit), *extra,
-                        listen=f"127.0.0.1:{port}", credentials=credentials(pki, pki.stranger))
-    return TLSAgent(agent, f"127.0.0.1:{port}", audit, policy_path)
+                        listen="127.0.0.1:0", credentials=credentials(pki, pki.stranger))
+    return TLSAgent(agent, agent.address, audit, policy_path)
 
 
 def _policy(threads_exe: Path) -> dict:
@@ -214,11 +213,11 @@ def test_listing_shows_only_capturable_processes(tls_agent: TLSAgent, pki: PKI, 
 
 def test_agent_refuses_plaintext_tcp_off_loopback(tmp_path: Path, require_root: None) -> None:
     res = subprocess.run([sys.executable, "-m", "corepeek", "agent", "--listen",
-                          f"0.0.0.0:{free_port()}", "--insecure"],
+                          "0.0.0.0:0", "--insecure"],
                          capture_output=True, text=True, timeout=30)
     assert res.returncode != 0 and "without TLS" in res.stderr
     res = subprocess.run([sys.executable, "-m", "corepeek", "agent", "--listen",
-                          f"127.0.0.1:{free_port()}"], capture_output=True, text=True, timeout=30)
+                          "127.0.0.1:0"], capture_output=True, text=True, timeout=30)
     assert res.returncode != 0 and "without TLS" in res.stderr
 
 
@@ -290,8 +289,10 @@ def test_sighup_reloads_the_policy(tmp_path: Path, pki: PKI, build, require_root
             # a broken policy is refused on reload: the old one stays
             a.policy.write_text("rules: [")
             a.agent.proc.send_signal(signal.SIGHUP)
-            time.sleep(0.5)
-            assert "policy reload failed" in a.agent.log()
+            deadline = time.monotonic() + 5
+            while "policy reload failed" not in a.agent.log():   # readiness, not a sleep
+                assert time.monotonic() < deadline, a.agent.log()[-2000:]
+                time.sleep(0.02)
             assert _refused_capture(a, pki, pki.stranger, t.pid).code == \
                 grpc.StatusCode.PERMISSION_DENIED
             doc = _policy(build("threads"))
