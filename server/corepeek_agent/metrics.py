@@ -5,7 +5,7 @@ text format) with:
 
 | metric | type | labels | what |
 |---|---|---|---|
-| ``corepeek_sessions_active`` | gauge | — | Capture sessions registered now (opening, frozen or serving) |
+| ``corepeek_sessions_active`` | gauge | — | Capture sessions holding a ``--max-sessions`` slot now (opening, frozen or serving; a notes session gives its slot back once its target is thawed) |
 | ``corepeek_sessions_max`` | gauge | — | ``--max-sessions`` |
 | ``corepeek_targets_frozen`` | gauge | — | targets stopped by this agent right now |
 | ``corepeek_freeze_seconds`` | histogram | — | how long each captured target stayed frozen |
@@ -76,7 +76,7 @@ class _SessionGauges(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily]:
         active = self._registry.active()
         yield GaugeMetricFamily("corepeek_sessions_active",
-                                "Capture sessions registered now (opening, frozen or serving)",
+                                "Capture sessions holding a --max-sessions slot now",
                                 value=len(active))
         yield GaugeMetricFamily("corepeek_sessions_max", "Limit on concurrent sessions",
                                 value=self._registry.max_sessions)

@@ -15,7 +15,6 @@ import socket
 import stat
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from harness.checks import assert_thawed_and_undisturbed
 from harness.targets import Target
 from harness.tools import gdb_backtraces
 
-from security_util import (PublicBin, as_user, assert_untouched, audit_lines, traced_or_stopped,
+from security_util import (PublicBin, as_user, assert_untouched, traced_or_stopped,
                            wait_audit, write_policy)
 
 pytestmark = pytest.mark.usefixtures("require_root")
