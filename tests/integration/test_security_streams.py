@@ -181,6 +181,7 @@ def test_one_identity_holds_only_its_streams_and_health_keeps_answering(
         with Target(build("threads")) as t1, Target(build("threads")) as t2, \
                 Target(build("threads")) as t3:
             oncall = tls_options(pki, pki.oncall)
+            list_seconds(a.address, pki, pki.reader, rounds=1)     # warm up the listing path
             # GIVEN both capture slots hold a frozen target (--max-sessions 2) ...
             with open_capture(a.address, t1.pid, tls=oncall, mode="stacks"), \
                     open_capture(a.address, t2.pid, tls=oncall, mode="stacks"):
