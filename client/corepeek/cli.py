@@ -32,7 +32,11 @@ def _agent(args: argparse.Namespace) -> int:
                          max_freeze_seconds=args.max_freeze,
                          default_thread_timeout=args.thread_timeout_ms / 1000,
                          keepalive_seconds=args.keepalive,
-                         keepalive_timeout_seconds=args.keepalive_timeout)
+                         keepalive_timeout_seconds=args.keepalive_timeout,
+                         max_streams_per_client=args.max_streams_per_client,
+                         first_request_seconds=args.first_request_timeout,
+                         idle_timeout_seconds=args.idle_timeout,
+                         max_lifetime_seconds=args.max_session_lifetime)
     serve(args.listen, insecure=args.insecure, config=config,
           socket_mode=int(args.socket_mode, 8), socket_group=args.socket_group,
           tls=TLSFiles.from_args(args.tls_cert, args.tls_key, args.tls_ca),
@@ -170,6 +174,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds between HTTP/2 pings to clients (cut links are noticed "
                    "within keepalive + keepalive-timeout, and their targets thawed)")
     a.add_argument("--keepalive-timeout", type=float, default=5.0)
+    a.add_argument("--max-streams-per-client", type=int, default=4,
+                   help="streams one TLS identity may hold open at once (default 4); the "
+                   "agent serves --max-sessions plus this many in all")
+    a.add_argument("--first-request-timeout", type=float, default=5.0,
+                   help="seconds a new capture stream may wait before its open request")
+    a.add_argument("--idle-timeout", type=float, default=60.0,
+                   help="seconds a session may go without a request (any mode)")
+    a.add_argument("--max-session-lifetime", type=float, default=900.0,
+                   help="seconds after which any session ends, whatever it is doing")
     a.add_argument("--thread-timeout-ms", type=int, default=500,
                    help="default wait for each thread to stop")
     a.add_argument("--metrics-address", metavar="HOST:PORT",

@@ -44,6 +44,12 @@ class AlreadyTraced(CorepeekError):
     help = "detach the debugger or tracer (gdb, strace) from the target first"
 
 
+class AgentItself(CorepeekError):
+    """The target is the agent (or one of its threads): it never captures itself."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
 class PermissionDenied(CorepeekError):
     code = grpc.StatusCode.PERMISSION_DENIED
 

@@ -19,6 +19,7 @@ from corepeek.v1 import capture_pb2_grpc as pb_grpc
 from .authz import CaptureGuard, Guard
 from .compress import ChunkCompressor
 from .errors import CorepeekError, InvalidRequest, as_corepeek_error
+from .lifetime import Lifetimes, StreamWatch, Watchdog
 from .listing import list_processes
 from .policy import local_default_policy
 from .registry import SessionRegistry
@@ -47,6 +48,18 @@ class AgentConfig:
     # keepalive_seconds + keepalive_timeout_seconds (its session then thaws).
     keepalive_seconds: float = 10.0
     keepalive_timeout_seconds: float = 5.0
+    # Stream admission and lifetimes (gate.py, lifetime.py): streams one TLS
+    # identity may hold at once; seconds to the first request; idle and
+    # total lifetime of every stream, in every mode.
+    max_streams_per_client: int = 4
+    first_request_seconds: float = 5.0
+    idle_timeout_seconds: float = 60.0
+    max_lifetime_seconds: float = 900.0
+
+    @property
+    def lifetimes(self) -> Lifetimes:
+        return Lifetimes(first_request=self.first_request_seconds,
+                         idle=self.idle_timeout_seconds, maximum=self.max_lifetime_seconds)
 
 
 def session_options(opts: pb.CaptureOptions, config: AgentConfig) -> SessionOptions:
@@ -57,14 +70,14 @@ def session_options(opts: pb.CaptureOptions, config: AgentConfig) -> SessionOpti
         raise InvalidRequest(f"freeze_timeout_ms must be at most {MAX_THREAD_TIMEOUT_MS}")
     if opts.max_chunk_bytes and not 4096 <= opts.max_chunk_bytes <= MAX_CHUNK:
         raise InvalidRequest(f"max_chunk_bytes must be between 4096 and {MAX_CHUNK}")
-    stack = opts.stack_bytes_per_thread or SessionOptions.stack_bytes
+    stack = opts.stack_bytes_per_thread      # 0: the policy rule's cap
     return SessionOptions(
         thread_timeout=(opts.freeze_timeout_ms / 1000 if opts.freeze_timeout_ms
                         else config.default_thread_timeout),
         max_freeze=config.max_freeze_seconds,
         mode=_MODES[opts.mode],
         chunk_size=opts.max_chunk_bytes or DEFAULT_CHUNK,
-        stack_bytes=min(stack, 1 << 30),
+        stack_bytes=min(stack, 1 << 30),       # the policy rule clamps it further
         snapshot=opts.snapshot,
         packed=opts.packed_chunks)
 
@@ -101,6 +114,9 @@ def layout_message(s: CaptureSession) -> pb.CoreLayout:
         mode=_MODE_ENUM[s.options.mode],
         readable=[pb.ByteRange(offset=o, length=n) for o, n in s.readable],
         snapshot=s.snapshot is not None, snapshot_status=s.snapshot_status)
+    if s.options.mode == MODE_STACKS:
+        msg.stack_bytes_per_thread = s.options.stack_bytes
+        msg.environment_hidden = s.hide_environment
     if lay.section_header:
         msg.section_headers.CopyFrom(pb.ByteRange(offset=lay.section_header_offset,
                                                   length=len(lay.section_header)))
@@ -262,6 +278,13 @@ def _serve(guard: CaptureGuard, c: Chunk) -> None:
         pos = start + n
 
 
+def _audit_overdue(guard: CaptureGuard, watch: StreamWatch) -> None:
+    """A stream the watchdog ended: a refusal before its `open`, else an expiry."""
+    if watch.reason:
+        guard.record.fail("refused" if watch.refused else "expired",
+                          grpc.StatusCode.DEADLINE_EXCEEDED.name, watch.reason)
+
+
 class CoreCaptureServicer(pb_grpc.CoreCaptureServiceServicer):
     # Capture yields pre-encoded chunk bytes: only with the serializer that
     # add_capture_service() registers (the generated one wants messages).
@@ -274,6 +297,7 @@ class CoreCaptureServicer(pb_grpc.CoreCaptureServiceServicer):
         # Policy, rate limits and audit log (authz.py); without one, local peers
         # may capture every dumpable process and TLS peers nothing.
         self.guard = guard or Guard(local_default_policy(), local_transport=True)
+        self.watchdog = Watchdog(config.lifetimes)
 
     def ListProcesses(self, request: pb.ListProcessesRequest,
                       context: grpc.ServicerContext) -> pb.ListProcessesResponse:
@@ -306,8 +330,10 @@ class CoreCaptureServicer(pb_grpc.CoreCaptureServiceServicer):
         session: CaptureSession | None = None
         registered = False
         guard = self.guard.begin_capture(context)
+        watch = self.watchdog.watch(context.cancel)     # first request, idle, lifetime
         try:
             first = next(request_iterator, None)
+            watch.touch()
             if first is None:
                 guard.record.fail("empty", "OK", "the stream ended before `open`")
                 return
@@ -327,6 +353,9 @@ class CoreCaptureServicer(pb_grpc.CoreCaptureServiceServicer):
             if not context.add_callback(session.thaw):
                 return                      # the RPC already ended
             session.open()
+            if options.mode == MODE_NOTES:
+                # Thawed already: the stream keeps neither the pid nor a slot.
+                self.registry.remove(session)
             log.info("session %s: pid %d frozen (%d threads, %.1f ms), core %d bytes",
                      session.id, session.pid, len(session.threads),
                      session.freeze.freeze_seconds * 1000 if session.freeze else 0,
@@ -334,14 +363,23 @@ class CoreCaptureServicer(pb_grpc.CoreCaptureServiceServicer):
             layout = layout_message(session)
             if compressor is not None:
                 layout.compression = pb.COMPRESSION_ZSTD
+            if options.mode == MODE_STACKS:
+                guard.record.exposure = {
+                    "stack_bytes": session.options.stack_bytes,
+                    "stack_bytes_requested": session.stack_requested,
+                    "environment": not session.hide_environment}
             yield pb.CaptureResponse(layout=layout)
+            watch.touch()
             for req in request_iterator:
-                yield from self._answer(session, req, guard, compressor)
+                watch.touch()
+                for msg in self._answer(session, req, guard, compressor):
+                    yield msg
+                    watch.touch()
         except CorepeekError as exc:
             guard.failed(exc.code, exc.details())
             context.abort(exc.code, exc.details())
         except grpc.RpcError:
-            return      # the RPC was cancelled (client gone, or max freeze): finally thaws
+            return      # the RPC was cancelled (client gone, max freeze, watchdog): finally thaws
         except OSError as exc:
             err = as_corepeek_error(exc)
             if err.code == grpc.StatusCode.INTERNAL:
@@ -353,6 +391,8 @@ class CoreCaptureServicer(pb_grpc.CoreCaptureServiceServicer):
             guard.failed(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
             context.abort(grpc.StatusCode.INTERNAL, f"agent error: {type(exc).__name__}: {exc}")
         finally:
+            self.watchdog.forget(watch)
+            _audit_overdue(guard, watch)
             frozen = 0.0
             if session is not None:
                 frozen = min(session.frozen_seconds, session.options.max_freeze)

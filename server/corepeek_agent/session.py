@@ -16,7 +16,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from corepeek_format import dynlink, regions
 
@@ -28,6 +28,7 @@ from .elfcore.layout import Bytes, CoreLayout, Memory, Zeros
 from .elfcore.model import DumpedMapping, Mapping, ProcessState, ThreadState
 from .elfcore.notes import build_notes
 from .errors import InvalidRequest, PermissionDenied, ProcessGone, SessionExpired, StaleTarget
+from .exposure import Exposure, subtract
 from .freezer import Freezer, FreezeResult
 from .memory import IOV_MAX, MemoryReader
 from .snapshot import Snapshot, SnapshotReader, SnapshotUnavailable
@@ -45,6 +46,8 @@ class SessionOptions:
     max_freeze: float = 300.0
     mode: str = MODE_FULL
     chunk_size: int = DEFAULT_CHUNK
+    # Stacks mode, per thread; the admitting rule's grant clamps it (0: the
+    # rule's cap).  See exposure.py.
     stack_bytes: int = 8 * 1024 * 1024
     # Snapshot mode (docs/snapshot.md): freeze only while a copy-on-write clone
     # is made; max_freeze then bounds the clone's lifetime.
@@ -110,15 +113,19 @@ class CaptureSession:
     def __init__(self, pid: int, *, start_time: int = 0,
                  options: SessionOptions = SessionOptions(),
                  on_expire: Callable[[], None] | None = None,
-                 admit: Callable[[int, int], None] | None = None) -> None:
+                 admit: Callable[[int, int], Exposure | None] | None = None) -> None:
         self.id = uuid.uuid4().hex[:16]
         self.pid = pid
         self.start_time = start_time
         self.options = options
         self._on_expire = on_expire
-        # Policy check (pid, pidfd) -> None or raise: run once the pid is pinned,
-        # before the freeze, and again once frozen (authz.CaptureGuard).
+        # Policy check (pid, pidfd) -> the rule's grant, or raise: run once the
+        # pid is pinned, before the freeze, and again once frozen (authz.CaptureGuard).
         self._admit = admit
+        # Stacks mode: requested stack bytes per thread, and whether argv/env
+        # strings are zeroed (no grant: they are).
+        self.stack_requested = options.stack_bytes
+        self.hide_environment = True
         self._pidfd = -1
         self._freezer: Freezer | None = None
         self._reader: MemoryReader | None = None
@@ -171,7 +178,7 @@ class CaptureSession:
         if pidfd_exited(self._pidfd) or procfs.stat(self.pid).start_time != st.start_time:
             raise ProcessGone(f"process {self.pid} exited while being frozen")
         if self._admit is not None:
-            self._admit(self.pid, self._pidfd)
+            self._grant(self._admit(self.pid, self._pidfd))
         self._build(self.freeze)
         if self.options.mode == MODE_NOTES:
             # Everything a notes capture may read (headers and notes) was
@@ -183,6 +190,13 @@ class CaptureSession:
             return
         if self.options.snapshot:
             self._take_snapshot()
+
+    def _grant(self, exposure: Exposure | None) -> None:
+        """Keep a stacks capture within what the admitting rule allows."""
+        if exposure is not None:
+            self.options = replace(self.options,
+                                   stack_bytes=exposure.clamp(self.stack_requested))
+            self.hide_environment = not exposure.environment
 
     def _build(self, fr: FreezeResult) -> None:
         arch = fr.arch
@@ -308,8 +322,14 @@ class CaptureSession:
                 if found.problems:
                     log.info("pid %d: dynamic linker walk: %s", self.pid,
                              "; ".join(found.problems))
-            return regions.stacks_ranges(self.layout, sps, self.options.stack_bytes,
-                                         extra_vaddr_ranges=extra)
+            ranges = regions.stacks_ranges(self.layout, sps, self.options.stack_bytes,
+                                           extra_vaddr_ranges=extra)
+            st = procfs.stat(self.pid)
+            if self.hide_environment and st.arg_start and st.env_end > st.arg_start:
+                # argv and environment strings: served as zeros (exposure.py)
+                ranges = subtract(ranges, regions.vaddr_range_to_file(
+                    self.layout, st.arg_start, st.env_end - st.arg_start))
+            return ranges
         return [(0, self.layout.total_size)]
 
     # -- read ------------------------------------------------------------------

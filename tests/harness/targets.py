@@ -19,7 +19,7 @@ from typing import Sequence, Union
 
 TARGETS_DIR = Path(__file__).resolve().parent.parent / "targets"
 TARGET_NAMES = ("threads", "eintr_probe", "vfork_parent", "bigmem", "parent_watch", "dumpfilter",
-                "manymaps")
+                "manymaps", "heap_stack")
 CFLAGS = ("-g", "-O0", "-pthread", "-fno-omit-frame-pointer", "-Wall", "-Wextra")
 COMMON_SOURCE = "cp_common.c"
 

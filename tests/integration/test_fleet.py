@@ -407,9 +407,9 @@ def test_metrics_move_with_captures(build, require_root, tmp_path: Path) -> None
             with open_capture(a.address, t.pid, mode="stacks"):
                 during_stacks = scrape(mport)
             assert_thawed_and_undisturbed(t)
-        # while a capture is open: one session; a notes capture has thawed its
-        # target once the notes were built, a stacks capture holds it
-        assert during["corepeek_sessions_active"] == 1 and during["corepeek_targets_frozen"] == 0
+        # while a capture is open: a notes capture has thawed its target once the
+        # notes were built and given back its session slot; a stacks capture holds both
+        assert during["corepeek_sessions_active"] == 0 and during["corepeek_targets_frozen"] == 0
         assert during_stacks["corepeek_sessions_active"] == 1
         assert during_stacks["corepeek_targets_frozen"] == 1
         assert after["corepeek_sessions_active"] == 0 and after["corepeek_targets_frozen"] == 0

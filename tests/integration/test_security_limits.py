@@ -26,7 +26,7 @@ def test_concurrent_sessions_are_capped(tmp_path: Path, build) -> None:
     a = start_agent(tmp_path, "--max-sessions", "1", "--audit-log", str(tmp_path / "audit"))
     try:
         with Target(build("threads")) as t1, Target(build("threads")) as t2:
-            with open_capture(a.address, t1.pid, mode="notes"):
+            with open_capture(a.address, t1.pid, mode="stacks"):
                 # WHEN a second session would freeze a second process
                 with pytest.raises(CaptureError) as exc:
                     open_capture(a.address, t2.pid, mode="notes")

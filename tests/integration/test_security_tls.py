@@ -138,13 +138,15 @@ def test_identities_the_policy_does_not_name_are_denied(tls_agent: TLSAgent, pki
         # WHEN a valid certificate the policy does not name asks (cn-only's CN is the
         # privileged SPIFFE id, which must not count)
         err = _refused_capture(tls_agent, pki, pair, t.pid)
-        # THEN PERMISSION_DENIED, the target never frozen, and the refusal audited
+        # THEN PERMISSION_DENIED, the target never frozen, and the refusal audited,
+        # at stream start: before the request (and so the pid) was read
         assert err.code == grpc.StatusCode.PERMISSION_DENIED, err
         assert_untouched(t)
-        line = wait_audit(tls_agent.audit, pid=t.pid, outcome="refused")
+        ids = [] if who == "cn-only" else ["uri:spiffe://corepeek.test/stranger"]
+        line = wait_audit(tls_agent.audit, kind="capture", identities=ids, outcome="refused")
         assert line["code"] == "PERMISSION_DENIED" and line["data_bytes"] == 0
-        assert line["identities"] == ([] if who == "cn-only"
-                                      else ["uri:spiffe://corepeek.test/stranger"])
+        assert line["pid"] == 0 and line["requests"] == 0
+        assert line["method"] == "/corepeek.v1.CoreCaptureService/Capture"
         with tls_channel(tls_agent.address, pki, pair) as ch:
             with pytest.raises(grpc.RpcError) as rpc:
                 pb_grpc.CoreCaptureServiceStub(ch).ListProcesses(pb.ListProcessesRequest(),

@@ -166,7 +166,7 @@ class ThreadInfo(_message.Message):
     def __init__(self, tid: _Optional[int] = ..., frozen: _Optional[bool] = ..., pc: _Optional[int] = ..., sp: _Optional[int] = ..., comm: _Optional[str] = ..., state: _Optional[str] = ...) -> None: ...
 
 class CoreLayout(_message.Message):
-    __slots__ = ("session_id", "total_size", "headers", "notes", "segments", "threads", "elf_class", "arch", "pid", "start_time", "comm", "exe", "section_headers", "freeze_micros", "max_chunk_bytes", "mode", "readable", "snapshot", "snapshot_status", "compression")
+    __slots__ = ("session_id", "total_size", "headers", "notes", "segments", "threads", "elf_class", "arch", "pid", "start_time", "comm", "exe", "section_headers", "freeze_micros", "max_chunk_bytes", "mode", "readable", "snapshot", "snapshot_status", "compression", "stack_bytes_per_thread", "environment_hidden")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TOTAL_SIZE_FIELD_NUMBER: _ClassVar[int]
     HEADERS_FIELD_NUMBER: _ClassVar[int]
@@ -187,6 +187,8 @@ class CoreLayout(_message.Message):
     SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_STATUS_FIELD_NUMBER: _ClassVar[int]
     COMPRESSION_FIELD_NUMBER: _ClassVar[int]
+    STACK_BYTES_PER_THREAD_FIELD_NUMBER: _ClassVar[int]
+    ENVIRONMENT_HIDDEN_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     total_size: int
     headers: ByteRange
@@ -207,7 +209,9 @@ class CoreLayout(_message.Message):
     snapshot: bool
     snapshot_status: str
     compression: Compression
-    def __init__(self, session_id: _Optional[str] = ..., total_size: _Optional[int] = ..., headers: _Optional[_Union[ByteRange, _Mapping]] = ..., notes: _Optional[_Union[ByteRange, _Mapping]] = ..., segments: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ..., threads: _Optional[_Iterable[_Union[ThreadInfo, _Mapping]]] = ..., elf_class: _Optional[int] = ..., arch: _Optional[str] = ..., pid: _Optional[int] = ..., start_time: _Optional[int] = ..., comm: _Optional[str] = ..., exe: _Optional[str] = ..., section_headers: _Optional[_Union[ByteRange, _Mapping]] = ..., freeze_micros: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., mode: _Optional[_Union[CaptureMode, str]] = ..., readable: _Optional[_Iterable[_Union[ByteRange, _Mapping]]] = ..., snapshot: _Optional[bool] = ..., snapshot_status: _Optional[str] = ..., compression: _Optional[_Union[Compression, str]] = ...) -> None: ...
+    stack_bytes_per_thread: int
+    environment_hidden: bool
+    def __init__(self, session_id: _Optional[str] = ..., total_size: _Optional[int] = ..., headers: _Optional[_Union[ByteRange, _Mapping]] = ..., notes: _Optional[_Union[ByteRange, _Mapping]] = ..., segments: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ..., threads: _Optional[_Iterable[_Union[ThreadInfo, _Mapping]]] = ..., elf_class: _Optional[int] = ..., arch: _Optional[str] = ..., pid: _Optional[int] = ..., start_time: _Optional[int] = ..., comm: _Optional[str] = ..., exe: _Optional[str] = ..., section_headers: _Optional[_Union[ByteRange, _Mapping]] = ..., freeze_micros: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., mode: _Optional[_Union[CaptureMode, str]] = ..., readable: _Optional[_Iterable[_Union[ByteRange, _Mapping]]] = ..., snapshot: _Optional[bool] = ..., snapshot_status: _Optional[str] = ..., compression: _Optional[_Union[Compression, str]] = ..., stack_bytes_per_thread: _Optional[int] = ..., environment_hidden: _Optional[bool] = ...) -> None: ...
 
 class CoreChunk(_message.Message):
     __slots__ = ("offset", "data", "hole_length", "request_id", "last", "extents", "raw_length")
