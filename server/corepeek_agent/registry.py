@@ -56,8 +56,11 @@ class SessionRegistry:
                     raise ResourceExhausted(
                         f"the agent already runs {self.max_sessions} capture sessions")
                 hold = self._holds.get(session.pid)
+                # Free for a new freeze: nothing holds the target (a hold being
+                # released is waited for: its tracer thread must be gone first).
                 free = (hold is None or hold.released.is_set()
-                        or (hold.ready.is_set() and not hold.joinable(mode_needs_memory=True)))
+                        or (hold.ready.is_set() and not hold.closing
+                            and not hold.joinable(mode_needs_memory=True)))
                 if free:
                     hold = SharedHold(session.pid, session.id)
                     session.attach(hold, host=True)

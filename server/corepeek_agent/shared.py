@@ -66,13 +66,15 @@ class SharedHold:
         self.state: HeldState | None = None
         # Set once the first session's open ended (published or failed).
         self.ready = threading.Event()
-        # Set once the last member left and the target was let go.
+        # The last member left: the target is being let go (``closing``), then
+        # it was (``released``: its tracer thread is gone, a new freeze may start).
+        self.closing = False
         self.released = threading.Event()
 
     def enter(self, session_id: str, on_expire: Callable[[], None] | None) -> bool:
         """Become a member; False if the hold was released meanwhile."""
         with self._lock:
-            if self.released.is_set():
+            if self.closing:
                 return False
             self._members[session_id] = on_expire
             self._users.add(session_id)
@@ -95,6 +97,10 @@ class SharedHold:
         self.leave(session_id)
         with self._lock:
             self._users.discard(session_id)
+        self._dispose_if_unused()
+
+    def _dispose_if_unused(self) -> None:
+        with self._lock:
             if self._users or not self.released.is_set():
                 return
             dispose, self._dispose = self._dispose, None
@@ -110,13 +116,17 @@ class SharedHold:
             if session_id not in self._members:
                 return False
             del self._members[session_id]
-            if self._members or self.released.is_set():
+            if self._members or self.closing:
                 return False
+            self.closing = True
             release, self._release = self._release, None
+        try:
+            if release is not None:
+                release()
+        finally:
             self.released.set()
-        self.ready.set()            # a failed open may leave before it published
-        if release is not None:
-            release()
+            self.ready.set()        # a failed open may leave before it published
+            self._dispose_if_unused()
         return True
 
     @property
@@ -137,7 +147,7 @@ class SharedHold:
     def joinable(self, mode_needs_memory: bool) -> bool:
         """Ready, not released, and holding what a session of that mode reads."""
         state = self.state
-        if not self.ready.is_set() or self.released.is_set() or state is None:
+        if not self.ready.is_set() or self.closing or state is None:
             return False
         if not mode_needs_memory:
             return True

@@ -208,3 +208,41 @@ def test_cli_dump_wait_and_summary(audited_agent, build, tmp_path: Path) -> None
         assert res.returncode == 0, res.stderr
         assert "thawed once the notes were built" in res.stderr, res.stderr
         assert_thawed_and_undisturbed(t)
+
+
+def test_many_clients_joining_and_leaving_at_random_never_fail_or_leave_it_frozen(
+        audited_agent, build, tmp_path: Path) -> None:
+    """Sessions arrive while others close (the hold is being let go, or is a
+    notes-only one): each either joins or freezes afresh, never fails."""
+    import random
+    failures: list[str] = []
+    modes = ["full", "notes", "stacks", "full"]
+
+    with Target(build("threads")) as t:
+        def client(seed: int) -> None:
+            rnd = random.Random(seed)
+            for _ in range(6):
+                mode = rnd.choice(modes)
+                try:
+                    with open_capture(audited_agent.address, t.pid, mode=mode,
+                                      snapshot=rnd.random() < 0.3) as core:
+                        assert core.read_bytes(0, 4)[:4] == b"\x7fELF"
+                        time.sleep(rnd.random() * 0.05)
+                except Exception as exc:  # noqa: BLE001 - collected and asserted below
+                    failures.append(f"{mode}: {exc}")
+                time.sleep(rnd.random() * 0.1)
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(180)
+        assert not failures, failures
+        wait_thawed(t)
+        assert_thawed_and_undisturbed(t)
+    lines = [d for d in audit_lines(tmp_path / "audit") if d.get("pid") == t.pid]
+    assert len(lines) == 48 and all(d["outcome"] == "ok" for d in lines)
+    joined = [d for d in lines if d["freeze_id"] != d["session"]]
+    freezes = {d["freeze_id"] for d in lines}
+    print(f"\nMEASURED 48 captures by 8 clients: {len(freezes)} freezes, {len(joined)} joined")
+    assert joined and len(freezes) > 1

@@ -48,3 +48,18 @@ def test_expiry_reaches_every_member_and_concurrent_leaves_release_once() -> Non
     for th in threads:
         th.join()
     assert released == [1]
+
+
+def test_nobody_joins_while_the_target_is_let_go_and_released_comes_after() -> None:
+    """A new freeze may start only once the old tracer thread is gone."""
+    hold = SharedHold(9, "a")
+    assert hold.enter("a", None)
+    seen: list[tuple[bool, bool, bool]] = []
+
+    def release() -> None:            # runs while the target is being let go
+        seen.append((hold.closing, hold.released.is_set(), hold.enter("late", None)))
+
+    hold.set_release(release)
+    hold.leave("a")
+    assert seen == [(True, False, False)]
+    assert hold.released.is_set() and hold.ready.is_set()
