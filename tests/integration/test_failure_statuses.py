@@ -116,3 +116,14 @@ def test_target_traced_by_strace_is_refused_naming_the_tracer(agent, build) -> N
             strace.wait(10)
         wait_thawed(t)
         assert_thawed_and_undisturbed(t)
+
+
+@pytest.mark.parametrize("wait", [-1.0, 301.0, float("nan")])
+def test_bad_wait_exclusive_is_invalid_argument_and_freezes_nothing(agent, build,
+                                                                    wait: float) -> None:
+    with Target(build("threads")) as t:
+        with pytest.raises(CaptureError) as exc:
+            open_capture(agent.address, t.pid, wait_exclusive=wait)
+        assert exc.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert "wait_exclusive_seconds must be between 0 and 300" in str(exc.value)
+        assert_thawed_and_undisturbed(t)
