@@ -92,7 +92,7 @@ def _dump(args: argparse.Namespace) -> int:
                       mode=args.only,
                       freeze_timeout_ms=args.freeze_timeout_ms,
                       stack_bytes=args.stack_bytes, snapshot=args.snapshot,
-                      compression=args.wire_compression) as core:
+                      compression=args.wire_compression, wait_exclusive=args.wait) as core:
         lay = core.layout
         if args.snapshot and not args.quiet:
             print(f"snapshot: target thawed after the clone, memory served from it "
@@ -121,14 +121,22 @@ def _dump(args: argparse.Namespace) -> int:
               + (f" ({stats.wire_bytes} compressed)" if stats.wire_bytes != stats.data_bytes
                  else "")
               + f", {stats.hole_bytes} bytes of holes, "
-              + (f"snapshot served for {elapsed:.3f} s" if lay.snapshot
-                 else "target thawed as soon as the notes were built (stopping its threads "
-                      f"took {lay.freeze_micros / 1000:.1f} ms)" if args.only == "notes"
-                 else f"frozen for {elapsed:.3f} s"), file=sys.stderr)
+              + _stopped_summary(lay, core.stopped_seconds(), elapsed), file=sys.stderr)
         if unfrozen:
             print(f"warning: threads {unfrozen} did not stop in time; their registers are "
                   "zero in the core", file=sys.stderr)
     return EXIT_OK
+
+
+def _stopped_summary(lay: pb.CoreLayout, stopped: float, elapsed: float) -> str:
+    """How long the target was stopped for this dump, the figure a user cares about."""
+    shared = " (shared with another capture)" if lay.joined else ""
+    if lay.snapshot:
+        return (f"target stopped for {stopped:.3f} s{shared} while its snapshot was made, "
+                f"snapshot served for {elapsed:.3f} s")
+    if lay.target_running:
+        return f"target stopped for {stopped:.3f} s{shared}, thawed once the notes were built"
+    return f"target stopped for {stopped:.3f} s{shared} (the whole transfer)"
 
 
 def _notes(args: argparse.Namespace) -> int:
@@ -229,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--wire-compression", choices=("none", "zstd"), default="none",
                    help="compress memory on the wire (for slow links; costs agent CPU, "
                    "see docs/performance.md)")
+    d.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                   help="want a freeze of its own: if another capture holds the pid, wait up "
+                   "to SECONDS for it to end (default: join that capture's freeze)")
     d.set_defaults(func=_dump)
 
     n = sub.add_parser("notes", help="summarise threads, registers and mappings")

@@ -73,6 +73,9 @@ class SessionRecord:
     requests: int = 0
     freeze_seconds: float = 0.0       # from the freeze until the thaw
     stop_micros: int = 0              # time the agent took to stop every thread
+    # The session that froze the target this one read (itself unless it
+    # joined a capture in progress: docs/design.md, shared captures).
+    freeze_id: str = ""
     listed: int = 0
     # stacks mode: what the rule let through (stack bytes per thread, requested
     # vs granted; whether argv/environment strings were served)
@@ -111,6 +114,7 @@ class SessionRecord:
                 "data_bytes": self.data_bytes, "hole_bytes": self.hole_bytes,
                 "freeze_seconds": round(self.freeze_seconds, 6),
                 "stop_micros": self.stop_micros,
+                "freeze_id": self.freeze_id or self.session_id,
             })
             if self.exposure:
                 out["exposure"] = self.exposure

@@ -63,6 +63,24 @@ class SessionExpired(CorepeekError):
 
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
+    @classmethod
+    def after(cls, max_freeze: float) -> SessionExpired:
+        """The status text a client gets when --max-freeze ends its capture."""
+        return cls(f"the agent's --max-freeze of {max_freeze:g} s ended the capture; the "
+                   "target was thawed (use --snapshot, or ask for a longer --max-freeze)")
+
+
+class CoreTooLargeForElf32(CorepeekError):
+    """A 32-bit core stores file offsets in 32 bits; this one would not fit.
+
+    FAILED_PRECONDITION: the target's state, not the agent's resources, makes
+    the capture impossible; nothing is left frozen.
+    """
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    help = ("exclude memory from the core: the target's /proc/PID/coredump_filter, "
+            "or madvise(MADV_DONTDUMP) on large regions")
+
 
 class PtraceUnavailable(CorepeekError):
     code = grpc.StatusCode.FAILED_PRECONDITION

@@ -82,7 +82,8 @@ class _SessionGauges(Collector):
                                 value=self._registry.max_sessions)
         yield GaugeMetricFamily("corepeek_targets_frozen",
                                 "Target processes this agent holds stopped right now",
-                                value=sum(1 for s in active if _target_frozen(s)))
+                                value=len({id(getattr(s, "_freezer", None))
+                                           for s in active if _target_frozen(s)}))
 
 
 class AgentMetrics:
@@ -138,8 +139,9 @@ class AgentMetrics:
         stop_us = int(getattr(record, "stop_micros", 0))
         if stop_us > 0:
             self.stop.observe(stop_us / 1e6)
-        if frozen > 0 and (stop_us > 0 or getattr(record, "session_id", "")):
-            self.freeze.observe(frozen)
+        joined = getattr(record, "freeze_id", "") not in ("", getattr(record, "session_id", ""))
+        if frozen > 0 and not joined and (stop_us > 0 or getattr(record, "session_id", "")):
+            self.freeze.observe(frozen)         # once per freeze, not per joining session
 
     def watch(self, sessions: Any) -> None:
         """Read the gauges from ``sessions`` (a SessionRegistry) at each scrape."""

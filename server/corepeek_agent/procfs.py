@@ -257,6 +257,26 @@ def tracer_pid(pid: int, tid: int | None = None) -> int:
     return int(status(pid, tid).get("TracerPid", "0"))
 
 
+def foreign_tracer(pid: int) -> tuple[int, int, str] | None:
+    """(tid, tracer pid, tracer comm) of the first traced thread of ``pid``, or None.
+
+    Threads that vanish while being looked at are skipped; a tracer that
+    exits meanwhile keeps its pid with an empty comm.
+    """
+    for tid in sorted(task_ids(pid)):
+        try:
+            tracer = tracer_pid(pid, tid)
+        except ProcessGone:
+            continue
+        if tracer:
+            try:
+                name = comm(tracer)
+            except ProcessGone:
+                name = ""
+            return tid, tracer, name
+    return None
+
+
 def uid_gid(pid: int) -> tuple[int, int]:
     st = status(pid)
     return int(st["Uid"].split()[0]), int(st["Gid"].split()[0])

@@ -18,7 +18,7 @@ from corepeek.v1 import capture_pb2_grpc as pb_grpc
 
 from .authz import CaptureGuard, Guard
 from .compress import ChunkCompressor
-from .errors import CorepeekError, InvalidRequest, as_corepeek_error
+from .errors import CorepeekError, InvalidRequest, SessionExpired, as_corepeek_error
 from .lifetime import Lifetimes, StreamWatch, Watchdog
 from .listing import list_processes
 from .policy import local_default_policy
@@ -32,6 +32,7 @@ MAX_READ_LENGTH = 1 << 44          # 16 TiB: larger than any core, rejects garba
 MAX_OFFSET = 1 << 62
 MAX_THREAD_TIMEOUT_MS = 10_000
 MAX_FILTER_LENGTH = 4096           # ListProcesses comm / exe_glob
+MAX_WAIT_EXCLUSIVE = 300.0         # CaptureOptions.wait_exclusive_seconds
 
 _MODES = {pb.CAPTURE_MODE_UNSPECIFIED: MODE_FULL, pb.CAPTURE_MODE_FULL: MODE_FULL,
           pb.CAPTURE_MODE_STACKS: MODE_STACKS, pb.CAPTURE_MODE_NOTES: MODE_NOTES}
@@ -82,6 +83,32 @@ def session_options(opts: pb.CaptureOptions, config: AgentConfig) -> SessionOpti
         packed=opts.packed_chunks)
 
 
+def wait_exclusive(opts: pb.CaptureOptions) -> float:
+    """Seconds the client waits for a freeze of its own (0: join one in progress)."""
+    wait = opts.wait_exclusive_seconds
+    if not 0 <= wait <= MAX_WAIT_EXCLUSIVE:      # also refuses NaN
+        raise InvalidRequest(f"wait_exclusive_seconds must be between 0 and "
+                             f"{MAX_WAIT_EXCLUSIVE:g}")
+    return wait
+
+
+def end_with_status(context: grpc.ServicerContext, err: CorepeekError) -> Callable[[], None]:
+    """A callback that ends the RPC from any thread with ``err``'s status.
+
+    ``context.abort`` works only in the handler's own thread, and
+    ``context.cancel`` reaches the client as a bare CANCELLED.  The handler
+    may be blocked in a send to a stalled client, so the call is cancelled
+    with the status and details gRPC core sends in its place.
+    """
+    def end() -> None:
+        call = getattr(getattr(context, "_rpc_event", None), "call", None)
+        try:
+            call.cancel(err.code.value[0], err.details())    # type: ignore[union-attr]
+        except (AttributeError, TypeError, ValueError):
+            context.cancel()                     # another gRPC: a bare CANCELLED
+    return end
+
+
 def chunk_compressor(opts: pb.CaptureOptions) -> ChunkCompressor | None:
     """The session's compressor for the client's ``compression`` (None: none)."""
     if opts.compression == pb.COMPRESSION_NONE:
@@ -113,7 +140,9 @@ def layout_message(s: CaptureSession) -> pb.CoreLayout:
         freeze_micros=int(fr.freeze_seconds * 1e6), max_chunk_bytes=s.options.chunk_size,
         mode=_MODE_ENUM[s.options.mode],
         readable=[pb.ByteRange(offset=o, length=n) for o, n in s.readable],
-        snapshot=s.snapshot is not None, snapshot_status=s.snapshot_status)
+        snapshot=s.snapshot is not None, snapshot_status=s.snapshot_status,
+        stopped_micros=int(s.frozen_seconds * 1e6), target_running=s.target_running,
+        joined=s.joined, freeze_id=s.freeze_id)
     if s.options.mode == MODE_STACKS:
         msg.stack_bytes_per_thread = s.options.stack_bytes
         msg.environment_hidden = s.hide_environment
@@ -345,21 +374,25 @@ class CoreCaptureServicer(pb_grpc.CoreCaptureServiceServicer):
                 raise InvalidRequest(f"invalid pid {first.open.pid}")
             options = session_options(first.open.options, self.config)
             compressor = chunk_compressor(first.open.options)
+            wait = wait_exclusive(first.open.options)
             guard.admit(first.open.pid, first.open.start_time, options.mode)
-            session = CaptureSession(first.open.pid, start_time=first.open.start_time,
-                                     options=options, on_expire=context.cancel, admit=guard)
-            self.registry.add(session)
+            session = CaptureSession(
+                first.open.pid, start_time=first.open.start_time, options=options,
+                on_expire=end_with_status(context, SessionExpired.after(options.max_freeze)),
+                admit=guard)
+            self.registry.add(session, wait_exclusive=wait)
             registered = True
-            if not context.add_callback(session.thaw):
+            if not context.add_callback(session.leave):
                 return                      # the RPC already ended
             session.open()
             if options.mode == MODE_NOTES:
                 # Thawed already: the stream keeps neither the pid nor a slot.
                 self.registry.remove(session)
-            log.info("session %s: pid %d frozen (%d threads, %.1f ms), core %d bytes",
-                     session.id, session.pid, len(session.threads),
-                     session.freeze.freeze_seconds * 1000 if session.freeze else 0,
-                     session.layout.total_size if session.layout else 0)
+            if not session.joined:
+                log.info("session %s: pid %d frozen (%d threads, %.1f ms), core %d bytes",
+                         session.id, session.pid, len(session.threads),
+                         session.freeze.freeze_seconds * 1000 if session.freeze else 0,
+                         session.layout.total_size if session.layout else 0)
             layout = layout_message(session)
             if compressor is not None:
                 layout.compression = pb.COMPRESSION_ZSTD
@@ -379,7 +412,7 @@ class CoreCaptureServicer(pb_grpc.CoreCaptureServiceServicer):
             guard.failed(exc.code, exc.details())
             context.abort(exc.code, exc.details())
         except grpc.RpcError:
-            return      # the RPC was cancelled (client gone, max freeze, watchdog): finally thaws
+            return      # the RPC was cancelled (client gone, max freeze, watchdog): finally leaves
         except OSError as exc:
             err = as_corepeek_error(exc)
             if err.code == grpc.StatusCode.INTERNAL:
@@ -399,11 +432,16 @@ class CoreCaptureServicer(pb_grpc.CoreCaptureServiceServicer):
                 session.close()
                 if registered:
                     self.registry.remove(session)
-                log.info("session %s: pid %d thawed after %.3f s, %d bytes served",
-                         session.id, session.pid, session.frozen_seconds, session.bytes_served)
+                log.info("session %s: pid %d %s after %.3f s, %d bytes served",
+                         session.id, session.pid,
+                         "thawed" if session.target_running else "left (another session "
+                         "still reads the freeze)", session.frozen_seconds, session.bytes_served)
+            if session is not None:
+                guard.record.freeze_id = session.freeze_id
             guard.finish(
                 session_id=session.id if session else "", frozen_seconds=frozen,
-                stop_seconds=session.freeze.freeze_seconds if session and session.freeze else 0,
+                stop_seconds=(session.freeze.freeze_seconds
+                              if session and session.freeze and not session.joined else 0),
                 expired=bool(session and session.expired), active=context.is_active())
 
     def _answer(self, session: CaptureSession, req: pb.CaptureRequest, guard: CaptureGuard,

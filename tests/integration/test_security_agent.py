@@ -25,7 +25,7 @@ from corepeek.errors import CaptureError
 from corepeek.partial import write_partial_core
 from corepeek.remote import open_capture
 from corepeek_agent.authz import PIDFD_COREDUMP_SKIP, pidfd_info
-from corepeek_agent.elfcore import regions
+from corepeek_format import regions
 from harness.agents import start_agent, stop_agent
 from harness.checks import assert_thawed_and_undisturbed
 from harness.targets import Target

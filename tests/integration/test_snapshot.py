@@ -514,6 +514,7 @@ def test_cli_dump_snapshot(agent, probe, tmp_path: Path) -> None:
         assert res.returncode == 0, res.stderr
         assert "snapshot: target thawed after the clone" in res.stderr, res.stderr
         assert "snapshot served for" in res.stderr
+        assert "target stopped for" in res.stderr and "while its snapshot was made" in res.stderr
         with open(out, "rb") as f:
             assert ELFFile(f).header.e_type == "ET_CORE"
         assert_thawed_and_undisturbed(t)
@@ -527,6 +528,6 @@ def test_cli_dump_snapshot_fallback_is_reported(agent, probe, tmp_path: Path) ->
                              capture_output=True, text=True, timeout=120)
         assert res.returncode == 0, res.stderr
         assert "warning: snapshot not taken, live capture instead" in res.stderr, res.stderr
-        assert "frozen for" in res.stderr
+        assert "target stopped for" in res.stderr and "(the whole transfer)" in res.stderr
         assert_thawed_and_undisturbed(t)
         assert_target_saw_no_child(t)
