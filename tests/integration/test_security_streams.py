@@ -33,7 +33,7 @@ from harness.checks import assert_thawed_and_undisturbed
 from harness.targets import Target
 
 from security_pki import ONCALL, PKI, READER_DNS, KeyPair, make_pki
-from security_util import (assert_untouched, audit_lines, credentials, free_port, tls_channel,
+from security_util import (assert_untouched, audit_lines, credentials, tls_channel,
                            tls_options, wait_audit, wait_clean, write_policy)
 
 pytestmark = pytest.mark.usefixtures("require_root")
@@ -68,7 +68,6 @@ class TLSAgent:
 
 def start_tls_agent(tmp: Path, pki: PKI, exe: Path, *extra: str,
                     limits: dict | None = None) -> TLSAgent:
-    port, metrics = free_port(), free_port()
     audit = tmp / "audit.jsonl"
     doc: dict = {"version": 1, "rules": [
         {"name": "oncall", "clients": [ONCALL], "targets": {"exe": [str(exe)]},
@@ -80,10 +79,11 @@ def start_tls_agent(tmp: Path, pki: PKI, exe: Path, *extra: str,
     policy = write_policy(tmp / "policy.yaml", doc)
     agent = start_agent(tmp, "--tls-cert", str(pki.server.cert), "--tls-key", str(pki.server.key),
                         "--tls-ca", str(pki.ca.path), "--policy", str(policy),
-                        "--audit-log", str(audit), "--metrics-address", f"127.0.0.1:{metrics}",
-                        *extra, listen=f"127.0.0.1:{port}",
+                        "--audit-log", str(audit), "--metrics-address", "127.0.0.1:0",
+                        *extra, listen="127.0.0.1:0",
                         credentials=credentials(pki, pki.stranger))
-    return TLSAgent(agent, f"127.0.0.1:{port}", audit, metrics)
+    # Port 0: the agent binds free ports itself and logs them (no probe-and-release race).
+    return TLSAgent(agent, agent.address, audit, int(agent.bound["metrics"].rsplit(":", 1)[1]))
 
 
 class IdleStreams:
