@@ -32,16 +32,20 @@ EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 def _agent(args: argparse.Namespace) -> int:
+    # The one place the client package reaches into the agent: this command runs it.
     from corepeek_agent.server import serve
     from corepeek_agent.service import AgentConfig
+    from corepeek_agent.tls import TLSFiles
 
     config = AgentConfig(max_sessions=args.max_sessions,
                          max_freeze_seconds=args.max_freeze,
                          default_thread_timeout=args.thread_timeout_ms / 1000,
                          keepalive_seconds=args.keepalive,
-                         keepalive_timeout_seconds=args.keepalive_timeout)
-    from corepeek_agent.tls import TLSFiles
-
+                         keepalive_timeout_seconds=args.keepalive_timeout,
+                         max_streams_per_client=args.max_streams_per_client,
+                         first_request_seconds=args.first_request_timeout,
+                         idle_timeout_seconds=args.idle_timeout,
+                         max_lifetime_seconds=args.max_session_lifetime)
     serve(args.listen, insecure=args.insecure, config=config,
           socket_mode=int(args.socket_mode, 8), socket_group=args.socket_group,
           tls=TLSFiles.from_args(args.tls_cert, args.tls_key, args.tls_ca),
@@ -144,7 +148,7 @@ def _capture_into(args: argparse.Namespace, fd: int, out: Path) -> list[str]:
                       mode=args.only,
                       freeze_timeout_ms=args.freeze_timeout_ms,
                       stack_bytes=args.stack_bytes, snapshot=args.snapshot,
-                      compression=args.wire_compression) as core:
+                      compression=args.wire_compression, wait_exclusive=args.wait) as core:
         lay = core.layout
         if args.snapshot and not args.quiet:
             print(f"snapshot: target thawed after the clone, memory served from it "
@@ -173,14 +177,22 @@ def _capture_into(args: argparse.Namespace, fd: int, out: Path) -> list[str]:
               + (f" ({stats.wire_bytes} compressed)" if stats.wire_bytes != stats.data_bytes
                  else "")
               + f", {stats.hole_bytes} bytes of holes, "
-              + (f"snapshot served for {elapsed:.3f} s" if lay.snapshot
-                 else "target thawed as soon as the notes were built (stopping its threads "
-                      f"took {lay.freeze_micros / 1000:.1f} ms)" if args.only == "notes"
-                 else f"frozen for {elapsed:.3f} s")]
+              + _stopped_summary(lay, core.stopped_seconds(), elapsed)]
     if unfrozen:
         report.append(f"warning: threads {unfrozen} did not stop in time; their registers "
                       "are zero in the core")
     return report
+
+
+def _stopped_summary(lay: pb.CoreLayout, stopped: float, elapsed: float) -> str:
+    """How long the target was stopped for this dump, the figure a user cares about."""
+    shared = " (shared with another capture)" if lay.joined else ""
+    if lay.snapshot:
+        return (f"target stopped for {stopped:.3f} s{shared} while its snapshot was made, "
+                f"snapshot served for {elapsed:.3f} s")
+    if lay.target_running:
+        return f"target stopped for {stopped:.3f} s{shared}, thawed once the notes were built"
+    return f"target stopped for {stopped:.3f} s{shared} (the whole transfer)"
 
 
 def _notes(args: argparse.Namespace) -> int:
@@ -241,6 +253,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "within keepalive + keepalive-timeout, and their targets thawed)")
     a.add_argument("--keepalive-timeout", type=float, default=5.0,
                    help="seconds to wait for a ping's answer (default 5)")
+    a.add_argument("--max-streams-per-client", type=int, default=4,
+                   help="streams one TLS identity may hold open at once (default 4); the "
+                   "agent serves --max-sessions plus this many in all")
+    a.add_argument("--first-request-timeout", type=float, default=5.0,
+                   help="seconds a new capture stream may wait before its open request")
+    a.add_argument("--idle-timeout", type=float, default=60.0,
+                   help="seconds a session may go without a request (any mode)")
+    a.add_argument("--max-session-lifetime", type=float, default=900.0,
+                   help="seconds after which any session ends, whatever it is doing")
     a.add_argument("--thread-timeout-ms", type=int, default=500,
                    help="default wait for each thread to stop")
     a.add_argument("--metrics-address", metavar="HOST:PORT",
@@ -298,6 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--wire-compression", choices=("none", "zstd"), default="none",
                    help="compress memory on the wire (for slow links; costs agent CPU, "
                    "see docs/performance.md)")
+    d.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                   help="want a freeze of its own: if another capture holds the pid, wait up "
+                   "to SECONDS for it to end (default: join that capture's freeze)")
     d.set_defaults(func=_dump)
 
     n = add("notes", help="summarise threads, registers and mappings")

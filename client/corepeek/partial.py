@@ -28,16 +28,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from corepeek_format import dynlink, regions
+from corepeek_format.elfstructs import (EHDR, ELFCLASS64, PAGE_SIZE, PHDR, PN_XNUM, PT_LOAD,
+                                        PT_NOTE, SHDR, pack_phdr)
+from corepeek_format.ranges import merge_ranges
 
-from .elfstructs import EHDR, ELFCLASS64, PHDR, SHDR, pack_phdr
 from .errors import CaptureError
-from .ranges import merge_ranges
 from .remote import RemoteCore, RemoteCoreFile
 from .v1 import capture_pb2 as pb
 
-PAGE_SIZE = 4096            # ELF_EXEC_PAGESIZE on x86: segment data alignment
-PT_LOAD, PT_NOTE = 1, 4
-PN_XNUM = 0xFFFF
 DEFAULT_STACK_BYTES = 8 * 1024 * 1024   # the agent's default cap per thread
 
 Range = tuple[int, int]     # (offset in the full core, length)
@@ -377,15 +376,12 @@ def local_stacks_plan(core: RemoteCore, stack_bytes: int = 0, notes: bytes | Non
                       machine: int | None = None) -> list[Range]:
     """The segment ranges of a STACKS capture, planned on this side.
 
-    The agent's pure functions (:mod:`corepeek_agent.dynlink`,
-    :mod:`corepeek_agent.elfcore.regions`) over this session's layout, notes
+    The agent's own pure functions (:mod:`corepeek_format.dynlink`,
+    :mod:`corepeek_format.regions`) over this session's layout, notes
     and memory (:class:`VaddrReader`): in the same frozen state and with the
     same mapped files on this host it gives what a STACKS session's
     ``readable`` would hold, minus the header block and notes.
     """
-    from corepeek_agent import dynlink
-    from corepeek_agent.elfcore import regions
-
     lay = core.layout
     if notes is None:
         notes = _read_exact(core.file, lay.notes.offset, lay.notes.length)

@@ -16,17 +16,18 @@ import io
 import itertools
 import queue
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import grpc
+from corepeek_format.ranges import merge_ranges
 from google.protobuf.message import DecodeError
 
 from .channel import TLSOptions, open_channel
 from .errors import CaptureError
 from .inflate import Inflate, zstd_inflater
-from .ranges import merge_ranges
 from .v1 import capture_pb2 as pb
 
 MODES = {"full": pb.CAPTURE_MODE_FULL, "stacks": pb.CAPTURE_MODE_STACKS,
@@ -206,7 +207,10 @@ class RemoteCore:
     def __init__(self, channel: grpc.Channel, pid: int, *, start_time: int = 0,
                  mode: str = "full", freeze_timeout_ms: int = 0, chunk_bytes: int = 0,
                  stack_bytes: int = 0, snapshot: bool = False, own_channel: bool = False,
-                 metadata: tuple[tuple[str, str], ...] = (), compression: str = "none") -> None:
+                 metadata: tuple[tuple[str, str], ...] = (), compression: str = "none",
+                 wait_exclusive: float = 0.0) -> None:
+        """``wait_exclusive`` > 0: want a freeze of its own rather than join a
+        capture of ``pid`` in progress, waiting up to that many seconds."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {sorted(MODES)}")
         if compression not in COMPRESSIONS:
@@ -218,10 +222,12 @@ class RemoteCore:
         self._lock = threading.Lock()
         self.stats = TransferStats()
         self._closed = False
+        self._closed_at = 0.0
         opts = pb.CaptureOptions(mode=MODES[mode], freeze_timeout_ms=freeze_timeout_ms,
                                  max_chunk_bytes=chunk_bytes, stack_bytes_per_thread=stack_bytes,
                                  snapshot=snapshot, packed_chunks=True,
-                                 compression=COMPRESSIONS[compression])
+                                 compression=COMPRESSIONS[compression],
+                                 wait_exclusive_seconds=wait_exclusive)
         self._requests.put(pb.CaptureRequest(open=pb.OpenCapture(
             pid=pid, start_time=start_time, options=opts)))
         # Responses arrive undecoded: chunks are parsed by parse_chunk (their
@@ -243,12 +249,23 @@ class RemoteCore:
             self.close()
             raise CaptureError("protocol error: the agent did not answer with a layout")
         self.layout: pb.CoreLayout = first.layout
+        self.layout_at = time.monotonic()       # for stopped_seconds()
         # Only what the agent said it would send is decoded (the agent may
         # decline compression; it may not start it unasked).
         self._inflate: Inflate | None = None
         if self.layout.compression == pb.COMPRESSION_ZSTD and compression == "zstd":
             self._inflate = zstd_inflater(self.layout.max_chunk_bytes or _MAX_CHUNK)
         self.file = RemoteCoreFile(self)
+
+    def stopped_seconds(self) -> float:
+        """How long the target has been (or was) stopped for this capture: the
+        agent's figure when the layout came, plus the time since if the target
+        was still stopped then (a live capture stays frozen until the close;
+        another session may keep it frozen longer)."""
+        stopped = self.layout.stopped_micros / 1e6
+        if self.layout.target_running:
+            return stopped
+        return stopped + (self._closed_at or time.monotonic()) - self.layout_at
 
     # -- reading -------------------------------------------------------------
 
@@ -349,6 +366,7 @@ class RemoteCore:
                     pass
             except grpc.RpcError:
                 pass
+            self._closed_at = time.monotonic()
             if self._own_channel:
                 self._channel.close()
 
@@ -360,6 +378,7 @@ class RemoteCore:
         self._closed = True
         self._requests.put(None)
         self._call.cancel()
+        self._closed_at = time.monotonic()
         if self._own_channel:
             self._channel.close()
 

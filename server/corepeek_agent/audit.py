@@ -56,9 +56,10 @@ class RangeSet:
 class SessionRecord:
     """Everything the audit line of one Capture (or ListProcesses) call says."""
 
-    kind: str                                   # "capture" or "list"
+    kind: str                                   # "capture", "list", "rpc" or "policy"
     identities: list[str]
     peer: str
+    method: str = ""                            # the gRPC method (refusals at stream start)
     started: float = field(default_factory=time.time)
     session_id: str = ""
     pid: int = 0
@@ -72,7 +73,13 @@ class SessionRecord:
     requests: int = 0
     freeze_seconds: float = 0.0       # from the freeze until the thaw
     stop_micros: int = 0              # time the agent took to stop every thread
+    # The session that froze the target this one read (itself unless it
+    # joined a capture in progress: docs/design.md, shared captures).
+    freeze_id: str = ""
     listed: int = 0
+    # stacks mode: what the rule let through (stack bytes per thread, requested
+    # vs granted; whether argv/environment strings were served)
+    exposure: dict[str, Any] = field(default_factory=dict)
     outcome: str = "ok"
     code: str = "OK"
     details: str = ""
@@ -94,6 +101,8 @@ class SessionRecord:
                     + f".{int(self.started % 1 * 1000):03d}Z",
             "kind": self.kind, "identities": self.identities, "peer": self.peer,
         }
+        if self.method:
+            out["method"] = self.method
         if self.kind == "capture":
             ranges = self.ranges.ranges()
             out.update({
@@ -105,8 +114,11 @@ class SessionRecord:
                 "data_bytes": self.data_bytes, "hole_bytes": self.hole_bytes,
                 "freeze_seconds": round(self.freeze_seconds, 6),
                 "stop_micros": self.stop_micros,
+                "freeze_id": self.freeze_id or self.session_id,
             })
-        else:
+            if self.exposure:
+                out["exposure"] = self.exposure
+        elif self.kind == "list":
             out["listed"] = self.listed
         out.update({"duration_seconds": round(time.time() - self.started, 6),
                     "outcome": self.outcome, "code": self.code})

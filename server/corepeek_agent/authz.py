@@ -29,7 +29,8 @@ import grpc
 
 from . import procfs
 from .audit import AuditLog, SessionRecord
-from .errors import PermissionDenied, ProcessGone
+from .errors import AgentItself, PermissionDenied, ProcessGone
+from .exposure import Exposure
 from .policy import (MODE_FULL, Policy, PolicyError, TargetFacts, deny_all_policy,
                      load_policy, local_default_policy)
 from .ratelimit import ByteBudget, SessionRateLimiter
@@ -50,6 +51,13 @@ PIDFD_COREDUMP_USER = 1 << 2          # dumpable (SUID_DUMP_USER)
 PIDFD_COREDUMP_SKIP = 1 << 1          # not dumpable (SUID_DUMP_DISABLE)
 PIDFD_COREDUMP_ROOT = 1 << 3          # only root may dump (SUID_DUMP_ROOT, setuid + suid_dumpable=2)
 
+# TEST ONLY: COREPEEK_TEST_PROC_DUMPABLE=1 in the agent's environment at start
+# makes it never ask the kernel for PIDFD_INFO_COREDUMP, so the /proc fallback
+# of kernels before 6.16 runs on any kernel (tests/integration/
+# test_dumpable_fallback.py).  Never set it in production: it only ever makes
+# the agent know less, and it says so in its log at start.
+FORCE_PROC_DUMPABLE = os.environ.get("COREPEEK_TEST_PROC_DUMPABLE") == "1"
+
 
 PIDFD_THREAD = os.O_EXCL            # pidfd_open flag (Linux 6.9+): a pidfd for one thread
 
@@ -63,7 +71,8 @@ class PidfdInfo:
 
 def pidfd_info(pidfd: int) -> PidfdInfo:
     """Credentials and dumpability of the process behind ``pidfd`` (race-free vs pid reuse)."""
-    buf = bytearray(_PIDFD_INFO.pack(PIDFD_INFO_CREDS | PIDFD_INFO_COREDUMP, *([0] * 15)))
+    want = PIDFD_INFO_CREDS | (0 if FORCE_PROC_DUMPABLE else PIDFD_INFO_COREDUMP)
+    buf = bytearray(_PIDFD_INFO.pack(want, *([0] * 15)))
     try:
         fcntl.ioctl(pidfd, _PIDFD_GET_INFO, buf)
     except OSError as exc:
@@ -237,7 +246,9 @@ class CaptureGuard:
     facts: TargetFacts | None = None
 
     def admit(self, pid: int, start_time: int, mode: str) -> None:
-        """Checks that need no target: the rate limit, then "does a rule name this client?"."""
+        """Checks that need no target: the rate limit, "does a rule name this client?"
+        (again: the policy may have been reloaded since the stream started), and
+        "is it the agent itself?"."""
         self.record.pid, self.record.requested_start_time = pid, start_time
         self.record.mode = self.mode = mode
         self.guard.rate.acquire(self.identity.key)
@@ -247,9 +258,13 @@ class CaptureGuard:
                 f"{self.identity.key or 'a client without a SAN URI or DNS name'} is not "
                 "allowed to capture anything on this agent",
                 help="ask the agent's operator to add a rule for this identity to the policy")
+        if pid == os.getpid() or pid in procfs.task_ids(os.getpid()):
+            raise AgentItself(f"pid {pid} is the agent itself",
+                              help="the agent never captures itself")
 
-    def __call__(self, pid: int, pidfd: int) -> None:
-        """The session's admission check (pinned, then frozen): raises PermissionDenied."""
+    def __call__(self, pid: int, pidfd: int) -> Exposure:
+        """The session's admission check (pinned, then frozen): raises PermissionDenied,
+        else returns what the admitting rule lets a stacks capture expose."""
         facts = target_facts(pid, pidfd)
         if self.facts is not None and (facts.uids, facts.exe, facts.dumpable) != (
                 self.facts.uids, self.facts.exe, self.facts.dumpable):
@@ -268,6 +283,7 @@ class CaptureGuard:
         self.record.rule = decision.rule.name
         if first:
             self.budget = ByteBudget(decision.budget)
+        return Exposure(decision.rule.stack_bytes, decision.rule.environment)
 
     def serve(self, offset: int, length: int, hole: bool) -> None:
         """Account one chunk before it is sent; data over the budget raises."""
@@ -309,8 +325,10 @@ class Guard:
         self.policy_path = policy_path
         self._spm_override = sessions_per_minute
         self._lock = threading.Lock()
-        self.rate = SessionRateLimiter(
-            sessions_per_minute if sessions_per_minute is not None else policy.sessions_per_minute)
+        per_minute = (sessions_per_minute if sessions_per_minute is not None
+                      else policy.sessions_per_minute)
+        self.rate = SessionRateLimiter(per_minute)
+        self.list_rate = SessionRateLimiter(per_minute, what="listings")  # counted apart
 
     @classmethod
     def for_listener(cls, *, local_transport: bool, policy_path: str | None = None,
@@ -345,11 +363,16 @@ class Guard:
             policy = load_policy(self.policy_path)
         except PolicyError as exc:
             log.error("policy reload failed, keeping the old policy: %s", exc.details())
+            rec = SessionRecord(kind="policy", identities=[], peer="")
+            rec.fail("refused", "INVALID_ARGUMENT",
+                     f"reload of {self.policy_path} refused, the old policy stays: {exc}")
+            self.audit.write(rec)
             return False
         with self._lock:
             self._policy = policy
             if self._spm_override is None:
                 self.rate.per_minute = policy.sessions_per_minute
+                self.list_rate.per_minute = policy.sessions_per_minute
         log.warning("policy reloaded from %s: %d rule(s)", policy.source, len(policy.rules))
         return True
 
@@ -387,14 +410,15 @@ class ListGuard:
             raise PermissionDenied(
                 f"{self.identity.key or 'a client without a SAN URI or DNS name'} is not "
                 "allowed to list or capture anything on this agent")
+        self.guard.list_rate.acquire(self.identity.key)
 
     def may_see(self, pid: int) -> bool:
         facts = facts_for_listing(pid)
         return facts is not None and self.policy.may_capture(self.identity.names, facts)
 
     def failed(self, code: grpc.StatusCode, details: str) -> None:
-        self.record.fail("refused" if code == grpc.StatusCode.PERMISSION_DENIED else "error",
-                         code.name, details)
+        refused = code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.RESOURCE_EXHAUSTED)
+        self.record.fail("refused" if refused else "error", code.name, details)
 
     def finish(self, listed: int) -> None:
         self.record.listed = listed

@@ -44,6 +44,12 @@ class AlreadyTraced(CorepeekError):
     help = "detach the debugger or tracer (gdb, strace) from the target first"
 
 
+class AgentItself(CorepeekError):
+    """The target is the agent (or one of its threads): it never captures itself."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
 class PermissionDenied(CorepeekError):
     code = grpc.StatusCode.PERMISSION_DENIED
 
@@ -56,6 +62,24 @@ class SessionExpired(CorepeekError):
     """The maximum freeze duration passed; the target was thawed."""
 
     code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+    @classmethod
+    def after(cls, max_freeze: float) -> SessionExpired:
+        """The status text a client gets when --max-freeze ends its capture."""
+        return cls(f"the agent's --max-freeze of {max_freeze:g} s ended the capture; the "
+                   "target was thawed (use --snapshot, or ask for a longer --max-freeze)")
+
+
+class CoreTooLargeForElf32(CorepeekError):
+    """A 32-bit core stores file offsets in 32 bits; this one would not fit.
+
+    FAILED_PRECONDITION: the target's state, not the agent's resources, makes
+    the capture impossible; nothing is left frozen.
+    """
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    help = ("exclude memory from the core: the target's /proc/PID/coredump_filter, "
+            "or madvise(MADV_DONTDUMP) on large regions")
 
 
 class PtraceUnavailable(CorepeekError):

@@ -298,8 +298,12 @@ class Freezer:
                 except ProcessGone:
                     return False
                 if tracer:
-                    raise AlreadyTraced(
-                        f"process {self.pid} is already traced by pid {tracer}") from None
+                    try:
+                        name = procfs.comm(tracer)
+                    except ProcessGone:
+                        name = "comm unknown"
+                    raise AlreadyTraced(f"process {self.pid} is already traced by pid {tracer} "
+                                        f"({name})") from None
                 raise PtraceUnavailable(f"PTRACE_SEIZE of thread {tid} refused") from None
             raise
         threads[tid] = FrozenThread(tid)

@@ -5,7 +5,7 @@ text format) with:
 
 | metric | type | labels | what |
 |---|---|---|---|
-| ``corepeek_sessions_active`` | gauge | — | Capture sessions registered now (opening, frozen or serving) |
+| ``corepeek_sessions_active`` | gauge | — | Capture sessions holding a ``--max-sessions`` slot now (opening, frozen or serving; a notes session gives its slot back once its target is thawed) |
 | ``corepeek_sessions_max`` | gauge | — | ``--max-sessions`` |
 | ``corepeek_targets_frozen`` | gauge | — | targets stopped by this agent right now |
 | ``corepeek_freeze_seconds`` | histogram | — | how long each captured target stayed frozen |
@@ -13,6 +13,7 @@ text format) with:
 | ``corepeek_served_bytes_total`` | counter | ``kind`` = data, hole | core bytes served (holes are described, not sent) |
 | ``corepeek_captures_total`` | counter | ``result``, ``mode`` | Capture streams ended, by outcome |
 | ``corepeek_list_requests_total`` | counter | ``result`` | ListProcesses calls |
+| ``corepeek_refusals_total`` | counter | ``rpc`` = capture, list, rpc, policy; ``code`` | every refusal: unnamed client, too many streams, rate, no `open` in time, policy reload refused, ... |
 
 No label carries a pid, an executable or a client identity: cardinality stays
 bounded on a busy host, and the metrics leak nothing the audit log guards.
@@ -75,13 +76,14 @@ class _SessionGauges(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily]:
         active = self._registry.active()
         yield GaugeMetricFamily("corepeek_sessions_active",
-                                "Capture sessions registered now (opening, frozen or serving)",
+                                "Capture sessions holding a --max-sessions slot now",
                                 value=len(active))
         yield GaugeMetricFamily("corepeek_sessions_max", "Limit on concurrent sessions",
                                 value=self._registry.max_sessions)
         yield GaugeMetricFamily("corepeek_targets_frozen",
                                 "Target processes this agent holds stopped right now",
-                                value=sum(1 for s in active if _target_frozen(s)))
+                                value=len({id(getattr(s, "_freezer", None))
+                                           for s in active if _target_frozen(s)}))
 
 
 class AgentMetrics:
@@ -103,6 +105,8 @@ class AgentMetrics:
                               buckets=STOP_BUCKETS, registry=r)
         self.served = Counter("corepeek_served_bytes", "Core bytes served to clients",
                               ["kind"], registry=r)
+        self.refusals = Counter("corepeek_refusals", "Calls the agent refused, by RPC kind "
+                                "and gRPC status", ["rpc", "code"], registry=r)
         for mode in MODES:
             for result in ("ok", "error"):
                 self.captures.labels(result=result, mode=mode)
@@ -118,6 +122,8 @@ class AgentMetrics:
         """Count one finished call from its audit record (``audit.SessionRecord``)."""
         kind = getattr(record, "kind", "")
         outcome = getattr(record, "outcome", "") or "error"
+        if outcome == "refused":
+            self.refusals.labels(rpc=kind or "rpc", code=getattr(record, "code", "") or "").inc()
         if kind == "list":
             self.listings.labels(result=outcome).inc()
             return
@@ -133,8 +139,9 @@ class AgentMetrics:
         stop_us = int(getattr(record, "stop_micros", 0))
         if stop_us > 0:
             self.stop.observe(stop_us / 1e6)
-        if frozen > 0 and (stop_us > 0 or getattr(record, "session_id", "")):
-            self.freeze.observe(frozen)
+        joined = getattr(record, "freeze_id", "") not in ("", getattr(record, "session_id", ""))
+        if frozen > 0 and not joined and (stop_us > 0 or getattr(record, "session_id", "")):
+            self.freeze.observe(frozen)         # once per freeze, not per joining session
 
     def watch(self, sessions: Any) -> None:
         """Read the gauges from ``sessions`` (a SessionRegistry) at each scrape."""
@@ -226,6 +233,7 @@ class HealthPort:
         self.port = self.server.add_insecure_port(target)
         if not self.port:
             raise OSError(f"cannot bind the health port {address}")
+        log.info("health on %s", f"{host}:{self.port}")
         self.set_serving(False)
 
     def start(self) -> None:

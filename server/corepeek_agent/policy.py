@@ -22,12 +22,19 @@ File format (YAML, or TOML when the name ends in ``.toml``)::
           container: ["3f2a9c*"]   # globs on the container id found in the cgroup path
         modes: [full]              # required; notes < stacks < full: a mode admits those below
         budget: 8GiB               # per session; overrides limits.budget
-        allow_nondumpable: false   # true only with an exe or comm selector
+        stack_bytes: 1MiB          # stacks mode: cap on stack bytes per thread (default 1 MiB)
+        environment: false         # stacks mode: serve argv/environment strings (default: zeros)
+        allow_nondumpable: false   # true only with an exe selector (comm is the process's choice)
 
 Client identities are typed strings: ``uri:<SAN URI>`` (a SPIFFE id is a URI
 SAN; ``spiffe://...`` alone is shorthand for ``uri:spiffe://...``),
 ``dns:<SAN DNS name>``, or the ``local_identity`` for Unix-socket peers.  The
-certificate's CN is never an identity.  ``clients`` entries are globs.
+certificate's CN is never an identity.  ``clients`` entries are globs, except
+the local identity, which is a plain name and matches only itself.
+
+The file fails closed: unknown keys, a key written twice anywhere (YAML would
+silently keep the last one), a glob as ``local_identity`` and
+``allow_nondumpable`` without an ``exe`` selector are errors.
 """
 
 from __future__ import annotations
@@ -45,6 +52,8 @@ MODE_NOTES, MODE_STACKS, MODE_FULL = "notes", "stacks", "full"
 MODE_ORDER = (MODE_NOTES, MODE_STACKS, MODE_FULL)
 DEFAULT_LOCAL_IDENTITY = "local"
 DEFAULT_SESSIONS_PER_MINUTE = 60
+DEFAULT_STACK_BYTES = 1 << 20      # stacks mode: stack bytes per thread a rule allows
+_GLOB_CHARS = frozenset("*?[]")
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([KMGTP]?)(i?B?)\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
@@ -115,8 +124,13 @@ class TargetSelector:
 
     @property
     def names_program(self) -> bool:
-        """True when the selector names programs (exe or comm), as non-dumpable needs."""
-        return bool(self.exe or self.comm)
+        """True when the selector names programs by ``exe``, as non-dumpable needs.
+
+        ``comm`` does not count: a process chooses its own comm (prctl
+        PR_SET_NAME, or the name of a symlink it was run through), so a comm
+        selector would let any user's setuid program in.
+        """
+        return bool(self.exe)
 
     def matches(self, f: TargetFacts) -> bool:
         if self.uids is not None and not (f.uids and set(f.uids) <= self.uids):
@@ -140,9 +154,19 @@ class Rule:
     modes: frozenset[str] = frozenset(MODE_ORDER)
     budget: int | None = None
     allow_nondumpable: bool = False
+    stack_bytes: int = DEFAULT_STACK_BYTES      # stacks mode, per thread
+    environment: bool = False                   # stacks mode: argv/env strings served
+    local_identity: str = DEFAULT_LOCAL_IDENTITY
 
     def names_client(self, identities: Iterable[str]) -> bool:
-        return any(fnmatch.fnmatchcase(i, c) for i in identities for c in self.clients)
+        ids = list(identities)
+        for c in self.clients:
+            if c == self.local_identity:        # a plain name, never a glob
+                if c in ids:
+                    return True
+            elif any(fnmatch.fnmatchcase(i, c) for i in ids if i.startswith(("uri:", "dns:"))):
+                return True
+        return False
 
 
 @dataclass(frozen=True)
@@ -215,7 +239,8 @@ def deny_all_policy() -> Policy:
 
 _TOP_KEYS = {"version", "local_identity", "limits", "rules"}
 _LIMIT_KEYS = {"sessions_per_minute", "budget"}
-_RULE_KEYS = {"name", "clients", "targets", "modes", "budget", "allow_nondumpable"}
+_RULE_KEYS = {"name", "clients", "targets", "modes", "budget", "allow_nondumpable",
+              "stack_bytes", "environment"}
 _TARGET_KEYS = {"uid", "exe", "comm", "cgroup", "container"}
 
 
@@ -281,15 +306,26 @@ def _rule(obj: object, index: int, local_identity: str) -> Rule:
     bad = [m for m in modes_raw if m not in MODE_ORDER]
     if bad or not modes_raw:
         raise PolicyError(f"{where}.modes: expected some of {', '.join(MODE_ORDER)}")
-    allow_nd = r.get("allow_nondumpable", False)
-    if not isinstance(allow_nd, bool):
-        raise PolicyError(f"{where}.allow_nondumpable: expected true or false")
+    allow_nd = _bool(r, "allow_nondumpable", where)
     targets = _selector(r.get("targets"), f"{where}.targets")
     if allow_nd and not targets.names_program:
-        raise PolicyError(f"{where}: allow_nondumpable needs an exe or comm selector naming "
-                          "the programs explicitly")
+        raise PolicyError(f"{where}: allow_nondumpable needs an exe selector naming the "
+                          "programs (comm is chosen by the process itself: a setuid program "
+                          "run through a symlink takes the symlink's name)")
+    stack_bytes = parse_size(r.get("stack_bytes", DEFAULT_STACK_BYTES), f"{where}.stack_bytes")
+    if stack_bytes is None:
+        raise PolicyError(f"{where}.stack_bytes: expected a size (e.g. 1MiB), not unlimited")
     return Rule(name=name, clients=clients, targets=targets, modes=modes_admitted(modes_raw),
-                budget=parse_size(r.get("budget"), f"{where}.budget"), allow_nondumpable=allow_nd)
+                budget=parse_size(r.get("budget"), f"{where}.budget"), allow_nondumpable=allow_nd,
+                stack_bytes=stack_bytes, environment=_bool(r, "environment", where),
+                local_identity=local_identity)
+
+
+def _bool(r: Mapping[str, Any], key: str, where: str) -> bool:
+    value = r.get(key, False)
+    if not isinstance(value, bool):
+        raise PolicyError(f"{where}.{key}: expected true or false")
+    return value
 
 
 def policy_from_dict(doc: object, source: str = "<dict>") -> Policy:
@@ -298,8 +334,10 @@ def policy_from_dict(doc: object, source: str = "<dict>") -> Policy:
     if top.get("version", 1) != 1:
         raise PolicyError(f"policy version {top.get('version')!r} is not supported (want 1)")
     local = top.get("local_identity", DEFAULT_LOCAL_IDENTITY)
-    if not isinstance(local, str) or not local or local.startswith(("uri:", "dns:", "spiffe:")):
-        raise PolicyError("local_identity: expected a plain name such as `local`")
+    if (not isinstance(local, str) or not local or local.startswith(("uri:", "dns:", "spiffe:"))
+            or _GLOB_CHARS & set(local)):
+        raise PolicyError(f"local_identity: expected a plain name such as `local`, not "
+                          f"{local!r} (no glob characters, no uri:/dns: prefix)")
     limits = _mapping(top.get("limits"), "limits")
     _check_keys(limits, _LIMIT_KEYS, "limits")
     spm = limits.get("sessions_per_minute", DEFAULT_SESSIONS_PER_MINUTE)
@@ -317,6 +355,35 @@ def policy_from_dict(doc: object, source: str = "<dict>") -> Policy:
                   source=source)
 
 
+def load_yaml_strict(text: bytes | str) -> object:
+    """``yaml.safe_load``, except that a key written twice in one mapping is a
+    :class:`PolicyError` naming its line (PyYAML keeps the last one silently)."""
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        pass
+
+    def construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+        loader.flatten_mapping(node)
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                first = seen.get(key)
+                seen.setdefault(key, line)
+            except TypeError:       # an unhashable key: the constructor will say so
+                continue
+            if first is not None:
+                raise PolicyError(f"line {line}: duplicate key {key!r} (first at line {first}); "
+                                  "a policy key may appear only once")
+        return loader.construct_mapping(node, deep=True)
+
+    StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
+                                 construct_mapping)
+    return yaml.load(text, Loader=StrictLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def load_policy(path: str | Path) -> Policy:
     """Parse and validate a policy file; raises :class:`PolicyError` with the reason."""
     p = Path(path)
@@ -329,8 +396,9 @@ def load_policy(path: str | Path) -> Policy:
             import tomllib
             doc: object = tomllib.loads(text.decode())
         else:
-            import yaml
-            doc = yaml.safe_load(text)
+            doc = load_yaml_strict(text)
+    except PolicyError as exc:
+        raise PolicyError(f"policy {p}: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - any parser error is a policy error
         raise PolicyError(f"cannot parse policy {p}: {exc}") from None
     return policy_from_dict(doc, source=str(p))

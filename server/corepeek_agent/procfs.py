@@ -51,6 +51,10 @@ class Stat:
     num_threads: int
     start_time: int  # clock ticks after boot
     rss_pages: int
+    # Where argv and the environment strings live (fields 48-51; 0 when the
+    # kernel hides them): the top of the main thread's stack.
+    arg_start: int = 0
+    env_end: int = 0
 
 
 def parse_stat(text: str) -> Stat:
@@ -62,7 +66,8 @@ def parse_stat(text: str) -> Stat:
     return Stat(pid=int(text[:lpar]), comm=text[lpar + 1:rpar], state=rest[0],
                 ppid=f(4), pgrp=f(5), session=f(6), flags=f(9), utime=f(14), stime=f(15),
                 cutime=f(16), cstime=f(17), nice=f(19), num_threads=f(20),
-                start_time=f(22), rss_pages=f(24))
+                start_time=f(22), rss_pages=f(24),
+                arg_start=f(48) if len(rest) > 48 else 0, env_end=f(51) if len(rest) > 48 else 0)
 
 
 def stat(pid: int, tid: int | None = None) -> Stat:
@@ -250,6 +255,26 @@ def signal_masks(pid: int, tid: int) -> tuple[int, int]:
 
 def tracer_pid(pid: int, tid: int | None = None) -> int:
     return int(status(pid, tid).get("TracerPid", "0"))
+
+
+def foreign_tracer(pid: int) -> tuple[int, int, str] | None:
+    """(tid, tracer pid, tracer comm) of the first traced thread of ``pid``, or None.
+
+    Threads that vanish while being looked at are skipped; a tracer that
+    exits meanwhile keeps its pid with an empty comm.
+    """
+    for tid in sorted(task_ids(pid)):
+        try:
+            tracer = tracer_pid(pid, tid)
+        except ProcessGone:
+            continue
+        if tracer:
+            try:
+                name = comm(tracer)
+            except ProcessGone:
+                name = ""
+            return tid, tracer, name
+    return None
 
 
 def uid_gid(pid: int) -> tuple[int, int]:

@@ -1,4 +1,5 @@
-"""Per-client limits: sessions per minute (sliding window) and bytes per session."""
+"""Per-client limits: sessions and listings per minute (sliding window), concurrent
+streams, and bytes per session."""
 
 from __future__ import annotations
 
@@ -23,8 +24,10 @@ class BudgetExceeded(ResourceExhausted):
 class SessionRateLimiter:
     """At most ``per_minute`` sessions in any 60 s window for each client key."""
 
-    def __init__(self, per_minute: int, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, per_minute: int, clock: Callable[[], float] = time.monotonic,
+                 what: str = "sessions") -> None:
         self.per_minute = per_minute
+        self.what = what
         self._clock = clock
         self._lock = threading.Lock()
         self._starts: dict[str, deque[float]] = {}
@@ -39,7 +42,7 @@ class SessionRateLimiter:
             starts = self._starts.setdefault(key, deque())
             if len(starts) >= self.per_minute:
                 retry = WINDOW_SECONDS - (now - starts[0])
-                raise RateLimited(f"client {key} already opened {len(starts)} sessions in the "
+                raise RateLimited(f"client {key} already opened {len(starts)} {self.what} in the "
                                   f"last minute (limit {self.per_minute}); retry in {retry:.0f} s")
             starts.append(now)
 
@@ -50,6 +53,53 @@ class SessionRateLimiter:
                 q.popleft()
             if not q:
                 del self._starts[key]
+
+
+class TooManyStreams(ResourceExhausted):
+    help = "close streams you do not use, or wait for them to end"
+
+
+class StreamSlots:
+    """Concurrent streams: at most ``total`` in all, and a per-key limit given at
+    acquire time, so one client can never hold every worker thread."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self._lock = threading.Lock()
+        self._by_key: dict[str, int] = {}
+        self._used = 0
+
+    def acquire(self, key: str, per_key: int) -> Callable[[], None]:
+        """Take a slot for ``key``; returns the (idempotent) release, or raises
+        :class:`TooManyStreams`."""
+        with self._lock:
+            held = self._by_key.get(key, 0)
+            if held >= per_key:
+                raise TooManyStreams(f"client {key} already has {held} streams open on this "
+                                     f"agent (limit {per_key} per client)")
+            if self._used >= self.total:
+                raise TooManyStreams(f"the agent already serves {self._used} streams "
+                                     f"(limit {self.total})")
+            self._by_key[key] = held + 1
+            self._used += 1
+        released = threading.Event()
+
+        def release() -> None:
+            with self._lock:
+                if released.is_set():
+                    return
+                released.set()
+                self._used -= 1
+                left = self._by_key[key] - 1
+                if left:
+                    self._by_key[key] = left
+                else:
+                    del self._by_key[key]
+        return release
+
+    def held(self, key: str | None = None) -> int:
+        with self._lock:
+            return self._used if key is None else self._by_key.get(key, 0)
 
 
 class ByteBudget:

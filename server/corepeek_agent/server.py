@@ -18,11 +18,14 @@ from corepeek.v1 import capture_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from . import authz
 from .authz import Guard
 from .errors import CorepeekError
+from .gate import UNARY_WORKERS, GateLimits, RpcGate
 from .registry import SessionRegistry
 from .service import AgentConfig, CoreCaptureServicer, add_capture_service
 from .tls import ReloadingCertificates, TLSConfigError, TLSFiles
+from .unixsocket import bind_unix
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +105,18 @@ def raise_malloc_thresholds() -> None:
     libc.mallopt(m_trim_threshold, 128 * 1024 * 1024)
 
 
+PR_SET_DUMPABLE = 4
+
+
+def protect_self() -> None:
+    """Make the agent non-dumpable: no core of it on a crash, and other agents
+    (and unprivileged debuggers) refuse it, for its memory holds the TLS key and
+    what it listed of other processes."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+        log.warning("prctl(PR_SET_DUMPABLE, 0) failed: %s", os.strerror(ctypes.get_errno()))
+
+
 def resolve_group(group: str | int) -> int:
     """A group name or number as a gid."""
     if isinstance(group, int) or str(group).isdigit():
@@ -110,6 +125,15 @@ def resolve_group(group: str | int) -> int:
         return grp.getgrnam(str(group)).gr_gid
     except KeyError:
         raise CorepeekError(f"no group named {group!r}") from None
+
+
+def gate_limits(config: AgentConfig) -> GateLimits:
+    """Concurrent streams: ``--max-sessions`` plus one client's share in all; a TLS
+    identity gets ``--max-streams-per-client``; the local identity (there is no
+    other on a Unix or --insecure listener) may use them all."""
+    total = config.max_sessions + config.max_streams_per_client
+    return GateLimits(streams=total, per_client=config.max_streams_per_client,
+                      local_per_client=total)
 
 
 def create_server(address: str, *, insecure: bool = False,
@@ -140,10 +164,15 @@ def create_server(address: str, *, insecure: bool = False,
     if guard is None:
         guard = Guard.for_listener(local_transport=certificates is None)
     registry = SessionRegistry(config.max_sessions)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.max_sessions + 8,
+    gate = RpcGate(guard, gate_limits(config))
+    # Streams keep a worker each for their whole life and are capped by the
+    # gate; the extra workers let refusals run while every slot is held.
+    # Unary calls (health, listings) run on the gate's own pool.
+    workers = gate.limits.streams + 4
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers,
                                                     thread_name_prefix="rpc"),
-                         options=server_options(config),
-                         maximum_concurrent_rpcs=config.max_sessions * 2 + 8)
+                         interceptors=(gate,), options=server_options(config),
+                         maximum_concurrent_rpcs=workers + UNARY_WORKERS + 16)
     add_capture_service(CoreCaptureServicer(config, registry, guard), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -152,19 +181,9 @@ def create_server(address: str, *, insecure: bool = False,
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     if addr.unix_path is not None:
-        if os.path.exists(addr.unix_path):
-            os.unlink(addr.unix_path)
         gid = resolve_group(socket_group) if socket_group is not None else None
-        # Created with the group bits cleared, then handed to the group, then
-        # given its final mode: no moment where the wrong group may connect.
-        old = os.umask(0o777 & ~(socket_mode & 0o700))
-        try:
-            port = server.add_insecure_port(addr.grpc_target)
-        finally:
-            os.umask(old)
-        if gid is not None:
-            os.chown(addr.unix_path, -1, gid)
-        os.chmod(addr.unix_path, socket_mode)
+        port = bind_unix(addr.unix_path, socket_mode, gid,
+                         lambda: server.add_insecure_port(addr.grpc_target))
         log.info("unix socket %s mode %o group %s", addr.unix_path, socket_mode,
                  gid if gid is not None else os.getegid())
     elif certificates is not None:
@@ -197,6 +216,10 @@ def serve(address: str, *, insecure: bool = False, config: AgentConfig = AgentCo
     from .metrics import AgentMetrics, HealthPort, configure_logging
 
     configure_logging(log_format)
+    protect_self()
+    if authz.FORCE_PROC_DUMPABLE:
+        log.warning("COREPEEK_TEST_PROC_DUMPABLE=1 (tests only): dumpability from /proc, "
+                    "not PIDFD_INFO_COREDUMP")
     raise_malloc_thresholds()
     certificates = ReloadingCertificates(tls) if tls is not None else None
     guard = Guard.for_listener(local_transport=certificates is None, policy_path=policy_path,

@@ -18,7 +18,8 @@ from corepeek.v1 import capture_pb2_grpc as pb_grpc
 
 from .authz import CaptureGuard, Guard
 from .compress import ChunkCompressor
-from .errors import CorepeekError, InvalidRequest, as_corepeek_error
+from .errors import CorepeekError, InvalidRequest, SessionExpired, as_corepeek_error
+from .lifetime import Lifetimes, StreamWatch, Watchdog
 from .listing import list_processes
 from .policy import local_default_policy
 from .registry import SessionRegistry
@@ -31,6 +32,7 @@ MAX_READ_LENGTH = 1 << 44          # 16 TiB: larger than any core, rejects garba
 MAX_OFFSET = 1 << 62
 MAX_THREAD_TIMEOUT_MS = 10_000
 MAX_FILTER_LENGTH = 4096           # ListProcesses comm / exe_glob
+MAX_WAIT_EXCLUSIVE = 300.0         # CaptureOptions.wait_exclusive_seconds
 
 _MODES = {pb.CAPTURE_MODE_UNSPECIFIED: MODE_FULL, pb.CAPTURE_MODE_FULL: MODE_FULL,
           pb.CAPTURE_MODE_STACKS: MODE_STACKS, pb.CAPTURE_MODE_NOTES: MODE_NOTES}
@@ -47,6 +49,18 @@ class AgentConfig:
     # keepalive_seconds + keepalive_timeout_seconds (its session then thaws).
     keepalive_seconds: float = 10.0
     keepalive_timeout_seconds: float = 5.0
+    # Stream admission and lifetimes (gate.py, lifetime.py): streams one TLS
+    # identity may hold at once; seconds to the first request; idle and
+    # total lifetime of every stream, in every mode.
+    max_streams_per_client: int = 4
+    first_request_seconds: float = 5.0
+    idle_timeout_seconds: float = 60.0
+    max_lifetime_seconds: float = 900.0
+
+    @property
+    def lifetimes(self) -> Lifetimes:
+        return Lifetimes(first_request=self.first_request_seconds,
+                         idle=self.idle_timeout_seconds, maximum=self.max_lifetime_seconds)
 
 
 def session_options(opts: pb.CaptureOptions, config: AgentConfig) -> SessionOptions:
@@ -57,16 +71,42 @@ def session_options(opts: pb.CaptureOptions, config: AgentConfig) -> SessionOpti
         raise InvalidRequest(f"freeze_timeout_ms must be at most {MAX_THREAD_TIMEOUT_MS}")
     if opts.max_chunk_bytes and not 4096 <= opts.max_chunk_bytes <= MAX_CHUNK:
         raise InvalidRequest(f"max_chunk_bytes must be between 4096 and {MAX_CHUNK}")
-    stack = opts.stack_bytes_per_thread or SessionOptions.stack_bytes
+    stack = opts.stack_bytes_per_thread      # 0: the policy rule's cap
     return SessionOptions(
         thread_timeout=(opts.freeze_timeout_ms / 1000 if opts.freeze_timeout_ms
                         else config.default_thread_timeout),
         max_freeze=config.max_freeze_seconds,
         mode=_MODES[opts.mode],
         chunk_size=opts.max_chunk_bytes or DEFAULT_CHUNK,
-        stack_bytes=min(stack, 1 << 30),
+        stack_bytes=min(stack, 1 << 30),       # the policy rule clamps it further
         snapshot=opts.snapshot,
         packed=opts.packed_chunks)
+
+
+def wait_exclusive(opts: pb.CaptureOptions) -> float:
+    """Seconds the client waits for a freeze of its own (0: join one in progress)."""
+    wait = opts.wait_exclusive_seconds
+    if not 0 <= wait <= MAX_WAIT_EXCLUSIVE:      # also refuses NaN
+        raise InvalidRequest(f"wait_exclusive_seconds must be between 0 and "
+                             f"{MAX_WAIT_EXCLUSIVE:g}")
+    return wait
+
+
+def end_with_status(context: grpc.ServicerContext, err: CorepeekError) -> Callable[[], None]:
+    """A callback that ends the RPC from any thread with ``err``'s status.
+
+    ``context.abort`` works only in the handler's own thread, and
+    ``context.cancel`` reaches the client as a bare CANCELLED.  The handler
+    may be blocked in a send to a stalled client, so the call is cancelled
+    with the status and details gRPC core sends in its place.
+    """
+    def end() -> None:
+        call = getattr(getattr(context, "_rpc_event", None), "call", None)
+        try:
+            call.cancel(err.code.value[0], err.details())    # type: ignore[union-attr]
+        except (AttributeError, TypeError, ValueError):
+            context.cancel()                     # another gRPC: a bare CANCELLED
+    return end
 
 
 def chunk_compressor(opts: pb.CaptureOptions) -> ChunkCompressor | None:
@@ -100,7 +140,12 @@ def layout_message(s: CaptureSession) -> pb.CoreLayout:
         freeze_micros=int(fr.freeze_seconds * 1e6), max_chunk_bytes=s.options.chunk_size,
         mode=_MODE_ENUM[s.options.mode],
         readable=[pb.ByteRange(offset=o, length=n) for o, n in s.readable],
-        snapshot=s.snapshot is not None, snapshot_status=s.snapshot_status)
+        snapshot=s.snapshot is not None, snapshot_status=s.snapshot_status,
+        stopped_micros=int(s.frozen_seconds * 1e6), target_running=s.target_running,
+        joined=s.joined, freeze_id=s.freeze_id)
+    if s.options.mode == MODE_STACKS:
+        msg.stack_bytes_per_thread = s.options.stack_bytes
+        msg.environment_hidden = s.hide_environment
     if lay.section_header:
         msg.section_headers.CopyFrom(pb.ByteRange(offset=lay.section_header_offset,
                                                   length=len(lay.section_header)))
@@ -262,6 +307,13 @@ def _serve(guard: CaptureGuard, c: Chunk) -> None:
         pos = start + n
 
 
+def _audit_overdue(guard: CaptureGuard, watch: StreamWatch) -> None:
+    """A stream the watchdog ended: a refusal before its `open`, else an expiry."""
+    if watch.reason:
+        guard.record.fail("refused" if watch.refused else "expired",
+                          grpc.StatusCode.DEADLINE_EXCEEDED.name, watch.reason)
+
+
 class CoreCaptureServicer(pb_grpc.CoreCaptureServiceServicer):
     # Capture yields pre-encoded chunk bytes: only with the serializer that
     # add_capture_service() registers (the generated one wants messages).
@@ -274,6 +326,7 @@ class CoreCaptureServicer(pb_grpc.CoreCaptureServiceServicer):
         # Policy, rate limits and audit log (authz.py); without one, local peers
         # may capture every dumpable process and TLS peers nothing.
         self.guard = guard or Guard(local_default_policy(), local_transport=True)
+        self.watchdog = Watchdog(config.lifetimes)
 
     def ListProcesses(self, request: pb.ListProcessesRequest,
                       context: grpc.ServicerContext) -> pb.ListProcessesResponse:
@@ -306,8 +359,10 @@ class CoreCaptureServicer(pb_grpc.CoreCaptureServiceServicer):
         session: CaptureSession | None = None
         registered = False
         guard = self.guard.begin_capture(context)
+        watch = self.watchdog.watch(context.cancel)     # first request, idle, lifetime
         try:
             first = next(request_iterator, None)
+            watch.touch()
             if first is None:
                 guard.record.fail("empty", "OK", "the stream ended before `open`")
                 return
@@ -319,29 +374,45 @@ class CoreCaptureServicer(pb_grpc.CoreCaptureServiceServicer):
                 raise InvalidRequest(f"invalid pid {first.open.pid}")
             options = session_options(first.open.options, self.config)
             compressor = chunk_compressor(first.open.options)
+            wait = wait_exclusive(first.open.options)
             guard.admit(first.open.pid, first.open.start_time, options.mode)
-            session = CaptureSession(first.open.pid, start_time=first.open.start_time,
-                                     options=options, on_expire=context.cancel, admit=guard)
-            self.registry.add(session)
+            session = CaptureSession(
+                first.open.pid, start_time=first.open.start_time, options=options,
+                on_expire=end_with_status(context, SessionExpired.after(options.max_freeze)),
+                admit=guard)
+            self.registry.add(session, wait_exclusive=wait)
             registered = True
-            if not context.add_callback(session.thaw):
+            if not context.add_callback(session.leave):
                 return                      # the RPC already ended
             session.open()
-            log.info("session %s: pid %d frozen (%d threads, %.1f ms), core %d bytes",
-                     session.id, session.pid, len(session.threads),
-                     session.freeze.freeze_seconds * 1000 if session.freeze else 0,
-                     session.layout.total_size if session.layout else 0)
+            if options.mode == MODE_NOTES:
+                # Thawed already: the stream keeps neither the pid nor a slot.
+                self.registry.remove(session)
+            if not session.joined:
+                log.info("session %s: pid %d frozen (%d threads, %.1f ms), core %d bytes",
+                         session.id, session.pid, len(session.threads),
+                         session.freeze.freeze_seconds * 1000 if session.freeze else 0,
+                         session.layout.total_size if session.layout else 0)
             layout = layout_message(session)
             if compressor is not None:
                 layout.compression = pb.COMPRESSION_ZSTD
+            if options.mode == MODE_STACKS:
+                guard.record.exposure = {
+                    "stack_bytes": session.options.stack_bytes,
+                    "stack_bytes_requested": session.stack_requested,
+                    "environment": not session.hide_environment}
             yield pb.CaptureResponse(layout=layout)
+            watch.touch()
             for req in request_iterator:
-                yield from self._answer(session, req, guard, compressor)
+                watch.touch()
+                for msg in self._answer(session, req, guard, compressor):
+                    yield msg
+                    watch.touch()
         except CorepeekError as exc:
             guard.failed(exc.code, exc.details())
             context.abort(exc.code, exc.details())
         except grpc.RpcError:
-            return      # the RPC was cancelled (client gone, or max freeze): finally thaws
+            return      # the RPC was cancelled (client gone, max freeze, watchdog): finally leaves
         except OSError as exc:
             err = as_corepeek_error(exc)
             if err.code == grpc.StatusCode.INTERNAL:
@@ -353,17 +424,24 @@ class CoreCaptureServicer(pb_grpc.CoreCaptureServiceServicer):
             guard.failed(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
             context.abort(grpc.StatusCode.INTERNAL, f"agent error: {type(exc).__name__}: {exc}")
         finally:
+            self.watchdog.forget(watch)
+            _audit_overdue(guard, watch)
             frozen = 0.0
             if session is not None:
                 frozen = min(session.frozen_seconds, session.options.max_freeze)
                 session.close()
                 if registered:
                     self.registry.remove(session)
-                log.info("session %s: pid %d thawed after %.3f s, %d bytes served",
-                         session.id, session.pid, session.frozen_seconds, session.bytes_served)
+                log.info("session %s: pid %d %s after %.3f s, %d bytes served",
+                         session.id, session.pid,
+                         "thawed" if session.target_running else "left (another session "
+                         "still reads the freeze)", session.frozen_seconds, session.bytes_served)
+            if session is not None:
+                guard.record.freeze_id = session.freeze_id
             guard.finish(
                 session_id=session.id if session else "", frozen_seconds=frozen,
-                stop_seconds=session.freeze.freeze_seconds if session and session.freeze else 0,
+                stop_seconds=(session.freeze.freeze_seconds
+                              if session and session.freeze and not session.joined else 0),
                 expired=bool(session and session.expired), active=context.is_active())
 
     def _answer(self, session: CaptureSession, req: pb.CaptureRequest, guard: CaptureGuard,

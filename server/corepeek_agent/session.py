@@ -16,19 +16,23 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from . import dynlink, procfs, snapshot
+from corepeek_format import dynlink, regions
+
+from . import precheck, procfs, snapshot
 from .arch import ARCHES, ArchSpec
 from .arch.base import select_arch
-from .elfcore import regions
 from .elfcore.dumpfilter import vma_dump_size
-from .elfcore.layout import Bytes, CoreLayout, Memory, Zeros
+from .elfcore.layout import Bytes, CoreLayout, CoreTooLarge, Memory, Zeros
 from .elfcore.model import DumpedMapping, Mapping, ProcessState, ThreadState
 from .elfcore.notes import build_notes
-from .errors import InvalidRequest, PermissionDenied, ProcessGone, SessionExpired, StaleTarget
+from .errors import (CoreTooLargeForElf32, InvalidRequest, PermissionDenied, ProcessGone,
+                     SessionExpired, StaleTarget)
+from .exposure import Exposure, subtract
 from .freezer import Freezer, FreezeResult
 from .memory import IOV_MAX, MemoryReader
+from .shared import HeldState, SharedHold
 from .snapshot import Snapshot, SnapshotReader, SnapshotUnavailable
 
 log = logging.getLogger(__name__)
@@ -44,6 +48,8 @@ class SessionOptions:
     max_freeze: float = 300.0
     mode: str = MODE_FULL
     chunk_size: int = DEFAULT_CHUNK
+    # Stacks mode, per thread; the admitting rule's grant clamps it (0: the
+    # rule's cap).  See exposure.py.
     stack_bytes: int = 8 * 1024 * 1024
     # Snapshot mode (docs/snapshot.md): freeze only while a copy-on-write clone
     # is made; max_freeze then bounds the clone's lifetime.
@@ -109,15 +115,19 @@ class CaptureSession:
     def __init__(self, pid: int, *, start_time: int = 0,
                  options: SessionOptions = SessionOptions(),
                  on_expire: Callable[[], None] | None = None,
-                 admit: Callable[[int, int], None] | None = None) -> None:
+                 admit: Callable[[int, int], Exposure | None] | None = None) -> None:
         self.id = uuid.uuid4().hex[:16]
         self.pid = pid
         self.start_time = start_time
         self.options = options
         self._on_expire = on_expire
-        # Policy check (pid, pidfd) -> None or raise: run once the pid is pinned,
-        # before the freeze, and again once frozen (authz.CaptureGuard).
+        # Policy check (pid, pidfd) -> the rule's grant, or raise: run once the
+        # pid is pinned, before the freeze, and again once frozen (authz.CaptureGuard).
         self._admit = admit
+        # Stacks mode: requested stack bytes per thread, and whether argv/env
+        # strings are zeroed (no grant: they are).
+        self.stack_requested = options.stack_bytes
+        self.hide_environment = True
         self._pidfd = -1
         self._freezer: Freezer | None = None
         self._reader: MemoryReader | None = None
@@ -137,8 +147,22 @@ class CaptureSession:
         self.bytes_served = 0
         self.opened_at = 0.0
         self.closed = threading.Event()
+        # The freeze this session reads (shared.py): its own (host) or one
+        # another session made (joined); None until the registry attaches it.
+        self.hold: SharedHold | None = None
+        self.joined = False
 
     # -- open ----------------------------------------------------------------
+
+    def attach(self, hold: SharedHold, *, host: bool) -> bool:
+        """Read the freeze ``hold`` stands for: as its first session (``host``,
+        which freezes) or as a joiner; False if the hold ended meanwhile."""
+        if not hold.enter(self.id, self._on_expire):
+            return False
+        self.hold, self.joined = hold, not host
+        if host:
+            hold.set_release(self.thaw)
+        return True
 
     def open(self) -> None:
         try:
@@ -146,7 +170,11 @@ class CaptureSession:
         except ProcessLookupError:
             raise ProcessGone(f"no process with pid {self.pid}") from None
         try:
-            self._open_pinned()
+            if self.joined:
+                self._join()
+            else:
+                self._open_pinned()
+                self._publish()
         except BaseException:
             self.close()
             raise
@@ -160,6 +188,8 @@ class CaptureSession:
                               f"{self.start_time}: the process was replaced")
         self.start_time = st.start_time
         self.comm, self.exe = st.comm, procfs.exe(self.pid)
+        precheck.check_untraced(self.pid)
+        precheck.check_fits_elf_class(self.pid)
         self.opened_at = time.monotonic()
         self._freezer = Freezer(self.pid, choose_arch=choose_arch,
                                 thread_timeout=self.options.thread_timeout,
@@ -170,7 +200,7 @@ class CaptureSession:
         if pidfd_exited(self._pidfd) or procfs.stat(self.pid).start_time != st.start_time:
             raise ProcessGone(f"process {self.pid} exited while being frozen")
         if self._admit is not None:
-            self._admit(self.pid, self._pidfd)
+            self._grant(self._admit(self.pid, self._pidfd))
         self._build(self.freeze)
         if self.options.mode == MODE_NOTES:
             # Everything a notes capture may read (headers and notes) was
@@ -182,6 +212,13 @@ class CaptureSession:
             return
         if self.options.snapshot:
             self._take_snapshot()
+
+    def _grant(self, exposure: Exposure | None) -> None:
+        """Keep a stacks capture within what the admitting rule allows."""
+        if exposure is not None:
+            self.options = replace(self.options,
+                                   stack_bytes=exposure.clamp(self.stack_requested))
+            self.hide_environment = not exposure.environment
 
     def _build(self, fr: FreezeResult) -> None:
         arch = fr.arch
@@ -214,7 +251,10 @@ class CaptureSession:
         dump_filter = procfs.coredump_filter(self.pid)
         dumped = [DumpedMapping(m, vma_dump_size(m, dump_filter, self._read_head)) for m in maps]
         notes = build_notes(arch, proc, self.threads, dumped)
-        self.layout = CoreLayout.build(arch, notes, dumped)
+        try:
+            self.layout = CoreLayout.build(arch, notes, dumped)
+        except CoreTooLarge as exc:     # open() thaws at once
+            raise CoreTooLargeForElf32(f"pid {self.pid}: {exc}") from None
         self._dumped = dumped
         self._anon_private = [not d.mapping.file_backed and not d.mapping.shared for d in dumped]
         # Reading pages the target shares copy-on-write with another process
@@ -272,6 +312,70 @@ class CaptureSession:
                  self.pid, snap.clone_pid, (freezer.target_detached_at - self.opened_at) * 1e3,
                  snap.clone_seconds * 1e3, sum(h.held_bytes for h in held), len(later))
 
+    # -- sharing (shared.py) ------------------------------------------------------
+
+    def _publish(self) -> None:
+        """Offer this session's freeze to later sessions on the same pid."""
+        if self.hold is None:
+            return                      # a session used without a registry
+        notes_only = self.options.mode == MODE_NOTES
+        reader = self._reader
+        self.hold.publish(HeldState(
+            freeze_id=self.id, start_time=self.start_time, comm=self.comm, exe=self.exe,
+            opened_at=self.opened_at, freezer=self._freezer, reader=reader,
+            layout=self.layout, threads=self.threads, freeze=self.freeze,
+            dumped=self._dumped, anon_private=self._anon_private, snapshot=self.snapshot,
+            read_after_thaw=self.read_after_thaw, holds_memory=not notes_only),
+            dispose=reader.close if reader is not None else (lambda: None))
+
+    def _join(self) -> None:
+        """Read the freeze another session holds: check, then borrow its state.
+
+        The policy check and the client's start-time pin run as for a fresh
+        freeze; the mode, and so the readable ranges, are this session's own.
+        """
+        assert self.hold is not None and self.hold.state is not None
+        held = self.hold.state
+        if self._admit is not None:
+            self._admit(self.pid, self._pidfd)
+        if self.start_time and held.start_time != self.start_time:
+            raise StaleTarget(f"pid {self.pid} has start time {held.start_time}, not "
+                              f"{self.start_time}: the process was replaced")
+        if pidfd_exited(self._pidfd) or procfs.stat(self.pid).start_time != held.start_time:
+            raise ProcessGone(f"process {self.pid} exited during the capture in progress")
+        self.start_time, self.comm, self.exe = held.start_time, held.comm, held.exe
+        self.opened_at, self._freezer, self._reader = held.opened_at, held.freezer, held.reader
+        self.layout, self.threads, self.freeze = held.layout, held.threads, held.freeze
+        self._dumped, self._anon_private = held.dumped, held.anon_private
+        self.snapshot, self.read_after_thaw = held.snapshot, held.read_after_thaw
+        if self.options.snapshot and held.snapshot is None:
+            self.snapshot_status = ("snapshot not taken: joined a live capture of this pid "
+                                    "already in progress")
+        assert held.freeze is not None
+        self.readable = self._readable_ranges(held.freeze.arch)
+        if self.options.mode == MODE_NOTES:
+            self.hold.leave(self.id)        # its notes are built: the target need not wait
+        log.info("session %s joined the capture of pid %d by session %s (%s mode)",
+                 self.id, self.pid, held.freeze_id, self.options.mode)
+
+    @property
+    def freeze_id(self) -> str:
+        """Id of the session that froze the target this session reads."""
+        return self.hold.freeze_id if self.hold is not None else self.id
+
+    @property
+    def target_running(self) -> bool:
+        """The target runs again (snapshot clone made, notes built, or thawed)."""
+        fr = self._freezer
+        return fr is not None and bool(fr.target_detached_at or fr.thawed.is_set())
+
+    def leave(self) -> None:
+        """This session's stream ended: the target thaws if no other session holds it."""
+        if self.hold is not None:
+            self.hold.leave(self.id)
+        else:
+            self.thaw()
+
     def _snapshot_fallback(self, why: str) -> None:
         self.snapshot_status = f"snapshot not taken, live capture instead: {why}"
         log.warning("pid %d: %s", self.pid, self.snapshot_status)
@@ -307,8 +411,14 @@ class CaptureSession:
                 if found.problems:
                     log.info("pid %d: dynamic linker walk: %s", self.pid,
                              "; ".join(found.problems))
-            return regions.stacks_ranges(self.layout, sps, self.options.stack_bytes,
-                                         extra_vaddr_ranges=extra)
+            ranges = regions.stacks_ranges(self.layout, sps, self.options.stack_bytes,
+                                           extra_vaddr_ranges=extra)
+            st = procfs.stat(self.pid)
+            if self.hide_environment and st.arg_start and st.env_end > st.arg_start:
+                # argv and environment strings: served as zeros (exposure.py)
+                ranges = subtract(ranges, regions.vaddr_range_to_file(
+                    self.layout, st.arg_start, st.env_end - st.arg_start))
+            return ranges
         return [(0, self.layout.total_size)]
 
     # -- read ------------------------------------------------------------------
@@ -323,8 +433,7 @@ class CaptureSession:
         if self.layout is None:
             raise InvalidRequest("read before the session was opened")
         if self._freezer is not None and self._freezer.expired:
-            raise SessionExpired(f"the maximum freeze duration ({self.options.max_freeze:.0f}s) "
-                                 "passed; the target was thawed")
+            raise SessionExpired.after(self.options.max_freeze)
         if self.closed.is_set():
             raise InvalidRequest("read after the session was closed")
         end = min(offset + length, self.layout.total_size)
@@ -433,7 +542,10 @@ class CaptureSession:
     # -- close -----------------------------------------------------------------
 
     def _expired(self) -> None:
-        if self._on_expire is not None:
+        """--max-freeze ended the freeze: every session reading it ends."""
+        if self.hold is not None:
+            self.hold.expire()
+        elif self._on_expire is not None:
             self._on_expire()
 
     @property
@@ -451,21 +563,28 @@ class CaptureSession:
         return time.monotonic() - self.opened_at
 
     def thaw(self) -> None:
-        """Thaw the target now; idempotent and safe from any thread."""
+        """Thaw the target now, whoever else reads it (the last member leaving,
+        agent shutdown); idempotent and safe from any thread."""
         if self._freezer is not None:
             self._freezer.thaw()
 
     def close(self) -> None:
-        """Thaw and release the session's files (from the thread that reads).
+        """Leave the freeze and release the session's files (from the thread that reads).
 
-        In snapshot mode the tracer thread's exit kills the clone, reaps it and
+        The last session to leave a shared freeze thaws the target; in
+        snapshot mode the tracer thread's exit kills the clone, reaps it and
         removes its zombie from the target (``Snapshot.release``) before
-        ``thaw`` returns.
+        ``thaw`` returns.  The reader of a published freeze is closed by the
+        last session done with it.
         """
-        self.thaw()
-        if self._reader is not None:
+        published = self.hold is not None and self.hold.state is not None
+        if self.hold is not None:
+            self.hold.done(self.id)
+        else:
+            self.thaw()
+        if self._reader is not None and not published:
             self._reader.close()
-            self._reader = None
+        self._reader = None
         if self._pidfd >= 0:
             os.close(self._pidfd)
             self._pidfd = -1

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -23,6 +24,7 @@ class AgentProcess:
     proc: subprocess.Popen[bytes]
     address: str
     log_path: Path
+    bound: dict[str, str] = field(default_factory=dict)   # port-0 listeners: kind -> host:port
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -60,6 +62,7 @@ def start_agent(tmp: Path, *extra: str, listen: str | None = None,
     """
     sock = tmp / "agent.sock"
     listen = listen or f"unix:{sock}"
+    ports = port_zero_listeners(listen, extra)
     log_path = tmp / f"agent-{time.monotonic_ns()}.log"
     logf = open(log_path, "wb")
     proc = subprocess.Popen(
@@ -67,14 +70,50 @@ def start_agent(tmp: Path, *extra: str, listen: str | None = None,
         stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         env={**os.environ, **(env or {})})
     logf.close()
-    address = listen if listen.startswith("unix:") else listen
     try:
+        # Port 0: the agent binds a free port itself and logs it; no probe-and-release race.
+        bound = wait_bound_ports(ports, proc, log_path) if ports else {}
+        address = bound.get("listen", listen)
         wait_healthy(address, proc, log_path, credentials=credentials, options=channel_options)
     except BaseException:
         proc.kill()
         proc.wait()
         raise
-    return AgentProcess(proc, address, log_path)
+    return AgentProcess(proc, address, log_path, bound)
+
+
+# What the agent logs once each kind of listener is bound (see server.py, metrics.py).
+_BOUND_PATTERNS = {
+    "listen": re.compile(r"corepeek agent listening on (\S+?):0 \(port (\d+)\)"),
+    "metrics": re.compile(r"metrics on http://(\S+?):(\d+)/metrics"),
+    "health": re.compile(r"health on (\S+?):(\d+)\b"),
+}
+
+
+def port_zero_listeners(listen: str, extra: tuple[str, ...]) -> list[str]:
+    """Which listeners ('listen', 'metrics', 'health') were asked to bind port 0."""
+    kinds = ["listen"] if listen.endswith(":0") else []
+    for flag, kind in (("--metrics-address", "metrics"), ("--health-address", "health")):
+        if flag in extra and extra[extra.index(flag) + 1].endswith(":0"):
+            kinds.append(kind)
+    return kinds
+
+
+def wait_bound_ports(kinds: list[str], proc: subprocess.Popen[bytes], log_path: Path,
+                     timeout: float = 20.0) -> dict[str, str]:
+    """{kind: 'host:port'} for each port-0 listener, read from the agent's log."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = log_path.read_text(errors="replace")
+        found = {k: f"{m.group(1)}:{m.group(2)}" for k in kinds
+                 if (m := _BOUND_PATTERNS[k].search(text))}
+        if len(found) == len(kinds):
+            return found
+        if proc.poll() is not None:
+            raise RuntimeError(f"agent exited ({proc.returncode}):\n{text}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"agent never logged its {kinds} ports:\n{text}")
+        time.sleep(0.05)
 
 
 def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:

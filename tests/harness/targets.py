@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Sequence, Union
 
 TARGETS_DIR = Path(__file__).resolve().parent.parent / "targets"
-TARGET_NAMES = ("threads", "eintr_probe", "vfork_parent", "bigmem", "parent_watch")
+TARGET_NAMES = ("threads", "eintr_probe", "vfork_parent", "bigmem", "parent_watch", "dumpfilter",
+                "manymaps", "heap_stack")
 CFLAGS = ("-g", "-O0", "-pthread", "-fno-omit-frame-pointer", "-Wall", "-Wextra")
 COMMON_SOURCE = "cp_common.c"
 
@@ -395,3 +396,20 @@ def bigmem_touched_pages(ready: dict[str, Value]) -> list[int]:
     page, stride = int(ready["page_size"]), int(ready["stride_pages"])
     pages = int(ready["touch_bytes"]) // page
     return [i * stride * page for i in range(pages)]
+
+
+def churn_data_rounds(data: bytes, offset: int = 0) -> tuple[int, int]:
+    """The checker rounds (mod 256) that churn.c's cp_data bytes at ``offset`` show.
+
+    A freeze can catch the checker mid-rewrite: a prefix from round r, the rest
+    from round r-1. Returns (r of the first byte, r of the last byte); raises
+    AssertionError unless the bytes are exactly such a pattern (zeros, garbage
+    or a torn page are not).
+    """
+    assert data, "no bytes"
+    rounds = [(b - (offset + i) * 31) % 256 for i, b in enumerate(data)]
+    first, last = rounds[0], rounds[-1]
+    assert first == last or (first - last) % 256 == 1, f"rounds {first}..{last}"
+    cut = next((i for i, r in enumerate(rounds) if r != first), len(rounds))
+    assert all(r == last for r in rounds[cut:]), f"not one rewrite boundary: rounds {sorted(set(rounds))}"
+    return first, last

@@ -32,12 +32,6 @@ __attribute__((constructor)) static void corepeek_test_nodump(void)
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def tls_options(pki: PKI, pair: KeyPair | None) -> TLSOptions:
     return TLSOptions(ca=str(pki.ca.path), cert=str(pair.cert) if pair else None,
                       key=str(pair.key) if pair else None)

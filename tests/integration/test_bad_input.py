@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import time
 from collections.abc import Iterator
 from typing import TypeVar
 
@@ -94,24 +95,34 @@ def test_target_traced_by_another_debugger_is_failed_precondition(agent, build, 
             for _ in range(200):
                 if t.tracer_pid():
                     break
-                subprocess.run(["sleep", "0.05"])
+                time.sleep(0.05)
             assert t.tracer_pid() == gdb.pid
             with pytest.raises(CaptureError) as exc:
                 open_capture(agent.address, t.pid)
             assert exc.value.code == grpc.StatusCode.FAILED_PRECONDITION
-            assert "traced" in str(exc.value)
+            assert f"already traced by pid {gdb.pid} (gdb)" in str(exc.value)
             assert t.tracer_pid() == gdb.pid        # gdb's session is untouched
         finally:
-            gdb.communicate("detach\nquit\n", timeout=30)
+            try:
+                gdb.communicate("detach\nquit\n", timeout=30)
+            except subprocess.TimeoutExpired:
+                gdb.kill()              # never leave gdb (and its tracee) behind
+                gdb.communicate()
+                raise
         t.wait_state("SR")
         assert_thawed_and_undisturbed(t)
 
 
-def test_second_capture_of_the_same_pid_is_aborted(agent, build, require_root) -> None:
+def test_second_capture_of_the_same_pid_joins_or_waits(agent, build, require_root) -> None:
+    """Joining is the default; a client that wants its own freeze gets ABORTED
+    after its wait (more in test_shared_capture.py)."""
     with Target(build("threads")) as t:
-        with open_capture(agent.address, t.pid):
+        with open_capture(agent.address, t.pid) as first:
+            with open_capture(agent.address, t.pid) as second:
+                assert second.layout.joined
+                assert second.layout.freeze_id == first.layout.session_id
             with pytest.raises(CaptureError) as exc:
-                open_capture(agent.address, t.pid)
+                open_capture(agent.address, t.pid, wait_exclusive=0.2)
             assert exc.value.code == grpc.StatusCode.ABORTED
         assert_thawed_and_undisturbed(t)
 

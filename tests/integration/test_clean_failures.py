@@ -193,7 +193,8 @@ def test_dump_replaces_a_planted_symlink_and_never_writes_through_it(
         shutil.rmtree(shared)
 
 
-def dump_through_the_link(agent, build, secret: Path, link: Path) -> None:  # type: ignore[no-untyped-def]
+def dump_through_the_link(agent, build, secret: Path,  # type: ignore[no-untyped-def]
+                          link: Path) -> None:
     # WHEN root dumps there
     with Target(build("threads")) as t:
         res = subprocess.run([sys.executable, "-m", "corepeek", "dump", "--agent",

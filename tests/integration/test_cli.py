@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -52,3 +53,29 @@ def test_agent_refuses_plaintext_tcp_off_loopback() -> None:
     res = corepeek("agent", "--listen", "0.0.0.0:0", "--insecure")
     assert res.returncode != 0
     assert "refusing" in res.stderr and "Traceback" not in res.stderr, res.stderr
+
+
+def test_dump_with_start_time_pins_the_process_ps_listed(agent, build, require_root,
+                                                         tmp_path: Path) -> None:
+    with Target(build("threads")) as t:
+        res = corepeek("ps", "--agent", agent.address, "--comm", t.exe.name[:15], "--json")
+        assert res.returncode == 0, res.stderr
+        [listed] = [p for p in json.loads(res.stdout)["processes"] if p["pid"] == t.pid]
+        start = int(listed["start_time"])
+        # WHEN the start time is not the process's (the pid was reused, as far as
+        # the client can tell) THEN a one-line error, and the target is never touched
+        bad = corepeek("dump", "--agent", agent.address, str(t.pid), "--start-time",
+                       str(start + 1), "-o", str(tmp_path / "stale.core"))
+        assert bad.returncode == 1
+        assert bad.stderr.count("\n") == 1 and "FAILED_PRECONDITION" in bad.stderr, bad.stderr
+        assert "replaced" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+        assert not (tmp_path / "stale.core").exists() or \
+            (tmp_path / "stale.core").stat().st_size == 0
+        assert_thawed_and_undisturbed(t)
+        # WHEN it is the right one THEN the dump works
+        out = tmp_path / "pinned.core"
+        good = corepeek("dump", "--agent", agent.address, str(t.pid), "--start-time", str(start),
+                        "-o", str(out))
+        assert good.returncode == 0, good.stderr
+        assert set(gdb_backtraces(out, build("threads"))) == set(t.tids())
+        assert_thawed_and_undisturbed(t)

@@ -9,6 +9,9 @@ through /proc/PID/mem, which copies nothing.
 
 from __future__ import annotations
 
+import os
+import platform
+import signal
 import subprocess
 import sys
 import textwrap
@@ -17,6 +20,7 @@ import time
 from corepeek.remote import open_capture
 
 SIZE_MIB = 128
+CLOCK_NANOSLEEP = {"x86_64": 230, "aarch64": 115}[platform.machine()]
 
 PROGRAM = textwrap.dedent(f"""
     import mmap, os, sys, time
@@ -47,12 +51,25 @@ def _shared_kib(pid: int, size: int) -> int:
     raise AssertionError("mapping not found")
 
 
+def _wait_in_nanosleep(pid: int, timeout: float = 10.0) -> None:
+    """Readiness: the worker has reached its time.sleep (blocked in clock_nanosleep)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        syscall = open(f"/proc/{pid}/syscall").read().split()[0]
+        if syscall == str(CLOCK_NANOSLEEP):
+            return
+        assert time.monotonic() < deadline, f"worker {pid} never slept (syscall {syscall})"
+        time.sleep(0.01)
+
+
 def test_full_capture_of_a_forked_worker_copies_none_of_its_shared_pages(agent,
                                                                          require_root) -> None:
-    parent = subprocess.Popen([sys.executable, "-c", PROGRAM], stdout=subprocess.PIPE)
+    # Its own process group, so the worker dies with the parent whatever happens.
+    parent = subprocess.Popen([sys.executable, "-c", PROGRAM], stdout=subprocess.PIPE,
+                              start_new_session=True)
     try:
         worker = int(parent.stdout.readline().split()[0])
-        time.sleep(0.2)
+        _wait_in_nanosleep(worker)
         size = SIZE_MIB << 20
         before = _shared_kib(worker, size)
 
@@ -67,6 +84,6 @@ def test_full_capture_of_a_forked_worker_copies_none_of_its_shared_pages(agent,
         status = open(f"/proc/{worker}/status").read()
         assert "TracerPid:\t0" in status and "State:\tS" in status
     finally:
-        parent.kill()
-        subprocess.run(["pkill", "-P", str(parent.pid)], check=False)
+        os.killpg(parent.pid, signal.SIGKILL)   # worker and parent together
         parent.wait()
+        parent.stdout.close()

@@ -15,9 +15,9 @@ import hashlib
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -29,7 +29,6 @@ import pytest
 from elftools.elf.elffile import ELFFile
 
 from harness import netns
-from harness.agents import stop_process
 from harness.checks import assert_thawed_and_undisturbed
 from harness.targets import Target, bigmem_touched_pages, bigmem_words
 
@@ -42,12 +41,6 @@ AGENT_PORT = 7443
 def corepeek(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "corepeek", *args], capture_output=True,
                           text=True, timeout=timeout, stdin=subprocess.DEVNULL)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # -- fixtures ---------------------------------------------------------------------------
@@ -223,12 +216,24 @@ def test_collect_retries_an_agent_that_comes_up_late(fleet: netns.Fleet, ca: CA,
     out = tmp_path / "late"
     # WHEN collect starts while the host's agent is still down
     proc = subprocess.Popen(
-        [sys.executable, "-m", "corepeek", "collect", "--agents", host.address(AGENT_PORT),
+        [sys.executable, "-m", "corepeek", "-v", "collect", "--agents", host.address(AGENT_PORT),
          "--comm", threads.name[:15], "--only", "stacks", "--out", str(out),
          "--retries", "6", *tls_args(ca, client_pair)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    err_lines: list[str] = []
+    retried = threading.Event()
+
+    def read_stderr() -> None:
+        for line in proc.stderr:
+            err_lines.append(line)
+            if re.search(r"retry 1 in", line):
+                retried.set()
+
+    reader = threading.Thread(target=read_stderr, daemon=True)
+    reader.start()
     try:
-        time.sleep(0.8)
+        # Readiness, not a sleep: collect has failed once and is backing off.
+        assert retried.wait(60), "".join(err_lines)
         # The target exists before the agent can answer: collect's first
         # successful listing must find it (spawned after, a retry could list
         # an empty host in between).
@@ -236,7 +241,9 @@ def test_collect_retries_an_agent_that_comes_up_late(fleet: netns.Fleet, ca: CA,
         start_host_agent(host, ca, client_pair, policy,
                          before_serving=lambda: spawned.append(host.spawn(threads)))
         t = spawned[0]
-        _, stderr = proc.communicate(timeout=120)
+        proc.wait(timeout=120)
+        reader.join(10)
+        stderr = "".join(err_lines)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -304,27 +311,16 @@ def test_zstd_output_decompresses_to_the_core(agent, build, tmp_path: Path) -> N
 def s3_server(tmp_path: Path) -> Iterator[str]:
     pytest.importorskip("moto")
     pytest.importorskip("boto3")
-    port = free_port()
-    log = open(tmp_path / "moto.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
-                             str(port)], stdout=log, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
+    from moto.server import ThreadedMotoServer
+
+    # Port 0: the server binds a free port itself and says which (no probe-and-release).
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/moto-api/", timeout=1)
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"moto server did not start:\n"
-                                       f"{(tmp_path / 'moto.log').read_text()}")
-                time.sleep(0.2)
-        yield url
+        host, port = server.get_host_and_port()
+        yield f"http://{host}:{port}"
     finally:
-        stop_process(proc)
-        log.close()
+        server.stop()
 
 
 S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
@@ -332,14 +328,20 @@ S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
 
 
 def test_s3_output_uploads_cores_and_manifest(agent, build, s3_server: str,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+                                              monkeypatch: pytest.MonkeyPatch,
+                                              tmp_path: Path) -> None:
+    import shutil
+
     import boto3
 
     for k, v in S3_ENV.items():
         monkeypatch.setenv(k, v)
     s3 = boto3.client("s3", endpoint_url=s3_server)
     s3.create_bucket(Bucket="cores")
-    threads = build("threads")
+    # A name of this run's own: the agent sees the whole machine, where other
+    # suites may run (and trace) the same threads binary.
+    threads = tmp_path / f"s3thr-{os.getpid()}"
+    shutil.copy2(build("threads"), threads)
     with Target(threads) as a, Target(threads) as b:
         res = corepeek("collect", "--agents", agent.address, "--comm", threads.name[:15],
                        "--only", "stacks", "--out", "s3://cores/fleet/run1",
@@ -390,10 +392,10 @@ def test_metrics_move_with_captures(build, require_root, tmp_path: Path) -> None
     from corepeek.remote import open_capture
     from harness.agents import start_agent, stop_agent
 
-    mport, hport = free_port(), free_port()
     a = start_agent(tmp_path, "--sessions-per-minute", "0", "--metrics-address",
-                    f"127.0.0.1:{mport}", "--health-address", f"127.0.0.1:{hport}",
-                    "--log-format", "json")
+                    "127.0.0.1:0", "--health-address", "127.0.0.1:0", "--log-format", "json")
+    mport = int(a.bound["metrics"].rsplit(":", 1)[1])
+    hport = int(a.bound["health"].rsplit(":", 1)[1])
     try:
         with Target(build("threads")) as t:
             before = scrape(mport)
@@ -405,9 +407,9 @@ def test_metrics_move_with_captures(build, require_root, tmp_path: Path) -> None
             with open_capture(a.address, t.pid, mode="stacks"):
                 during_stacks = scrape(mport)
             assert_thawed_and_undisturbed(t)
-        # while a capture is open: one session; a notes capture has thawed its
-        # target once the notes were built, a stacks capture holds it
-        assert during["corepeek_sessions_active"] == 1 and during["corepeek_targets_frozen"] == 0
+        # while a capture is open: a notes capture has thawed its target once the
+        # notes were built and given back its session slot; a stacks capture holds both
+        assert during["corepeek_sessions_active"] == 0 and during["corepeek_targets_frozen"] == 0
         assert during_stacks["corepeek_sessions_active"] == 1
         assert during_stacks["corepeek_targets_frozen"] == 1
         assert after["corepeek_sessions_active"] == 0 and after["corepeek_targets_frozen"] == 0
@@ -422,10 +424,12 @@ def test_metrics_move_with_captures(build, require_root, tmp_path: Path) -> None
         # a refused capture counts as an error of its mode
         with pytest.raises(Exception):
             open_capture(a.address, 3999999, mode="full")
-        time.sleep(0.2)
-        final = scrape(mport)
-        assert final['corepeek_captures_total{mode="full",result="error"}'] == \
-            after['corepeek_captures_total{mode="full",result="error"}'] + 1
+        key = 'corepeek_captures_total{mode="full",result="error"}'
+        deadline = time.monotonic() + 5
+        while (final := scrape(mport))[key] == after[key]:     # readiness, not a sleep
+            assert time.monotonic() < deadline, "the refusal was never counted"
+            time.sleep(0.02)
+        assert final[key] == after[key] + 1
         # the plaintext health port answers kubelet-style probes
         with grpc.insecure_channel(f"127.0.0.1:{hport}") as ch:
             resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)

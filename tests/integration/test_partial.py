@@ -27,7 +27,7 @@ from corepeek.errors import CaptureError
 from corepeek.notes_summary import render_text, summarize
 from corepeek.partial import local_stacks_plan, write_partial_core
 from corepeek.remote import open_capture
-from corepeek_agent.elfcore import regions
+from corepeek_format import regions
 from harness.checks import assert_thawed_and_undisturbed
 from harness.kernel_core import xsave_size
 from harness.targets import Target, TargetError
@@ -229,10 +229,16 @@ def test_a_stacks_session_reads_what_it_needs_and_nothing_else(
         # every readable byte was pulled once, and nothing else
         assert core.stats.data_bytes + core.stats.hole_bytes == regions.total(readable)
         assert core.stats.fetched == readable
-        # the client's own plan through this session equals the agent's
+        # the client's own plan through this session equals the agent's, except
+        # the argv/environment strings the agent leaves out (served as zeros)
         mine = local_stacks_plan(core)
         header_and_notes = [(0, lay.notes.offset + lay.notes.length)]
-        assert regions.merge(header_and_notes + mine) == readable
+        stat = Path(f"/proc/{t.pid}/stat").read_text().rpartition(")")[2].split()
+        arg_start, env_end = int(stat[45]), int(stat[48])
+        env = regions.vaddr_range_to_file(list(lay.segments), arg_start, env_end - arg_start)
+        assert lay.environment_hidden and env
+        assert regions.merge(header_and_notes + mine) == regions.merge(readable + env)
+        assert not any(regions.contains(readable, o, 1) for o, _ in env)
         # anything else is refused, also a read that runs past a readable range
         heap = next(s for s in lay.segments if s.name == "[heap]")
         off, n = readable[-1]

@@ -30,7 +30,7 @@ from harness.checks import assert_thawed_and_undisturbed
 from harness.targets import Target
 
 from security_pki import ONCALL, PKI, READER_DNS, make_pki
-from security_util import (assert_untouched, audit_lines, credentials, free_port, tls_channel,
+from security_util import (assert_untouched, audit_lines, credentials, tls_channel,
                            tls_options, traced_or_stopped, wait_audit, write_policy)
 
 
@@ -47,14 +47,13 @@ class TLSAgent:
 def _start_tls_agent(tmp: Path, pki: PKI, policy: dict, *extra: str,
                      cert: Path | None = None, key: Path | None = None,
                      ca: Path | None = None) -> TLSAgent:
-    port = free_port()
     audit = tmp / "audit.jsonl"
     policy_path = write_policy(tmp / "policy.yaml", policy)
     agent = start_agent(tmp, "--tls-cert", str(cert or pki.server.cert),
                         "--tls-key", str(key or pki.server.key), "--tls-ca", str(ca or pki.ca.path),
                         "--policy", str(policy_path), "--audit-log", str(audit), *extra,
-                        listen=f"127.0.0.1:{port}", credentials=credentials(pki, pki.stranger))
-    return TLSAgent(agent, f"127.0.0.1:{port}", audit, policy_path)
+                        listen="127.0.0.1:0", credentials=credentials(pki, pki.stranger))
+    return TLSAgent(agent, agent.address, audit, policy_path)
 
 
 def _policy(threads_exe: Path) -> dict:
@@ -139,13 +138,15 @@ def test_identities_the_policy_does_not_name_are_denied(tls_agent: TLSAgent, pki
         # WHEN a valid certificate the policy does not name asks (cn-only's CN is the
         # privileged SPIFFE id, which must not count)
         err = _refused_capture(tls_agent, pki, pair, t.pid)
-        # THEN PERMISSION_DENIED, the target never frozen, and the refusal audited
+        # THEN PERMISSION_DENIED, the target never frozen, and the refusal audited,
+        # at stream start: before the request (and so the pid) was read
         assert err.code == grpc.StatusCode.PERMISSION_DENIED, err
         assert_untouched(t)
-        line = wait_audit(tls_agent.audit, pid=t.pid, outcome="refused")
+        ids = [] if who == "cn-only" else ["uri:spiffe://corepeek.test/stranger"]
+        line = wait_audit(tls_agent.audit, kind="capture", identities=ids, outcome="refused")
         assert line["code"] == "PERMISSION_DENIED" and line["data_bytes"] == 0
-        assert line["identities"] == ([] if who == "cn-only"
-                                      else ["uri:spiffe://corepeek.test/stranger"])
+        assert line["pid"] == 0 and line["requests"] == 0
+        assert line["method"] == "/corepeek.v1.CoreCaptureService/Capture"
         with tls_channel(tls_agent.address, pki, pair) as ch:
             with pytest.raises(grpc.RpcError) as rpc:
                 pb_grpc.CoreCaptureServiceStub(ch).ListProcesses(pb.ListProcessesRequest(),
@@ -214,11 +215,11 @@ def test_listing_shows_only_capturable_processes(tls_agent: TLSAgent, pki: PKI, 
 
 def test_agent_refuses_plaintext_tcp_off_loopback(tmp_path: Path, require_root: None) -> None:
     res = subprocess.run([sys.executable, "-m", "corepeek", "agent", "--listen",
-                          f"0.0.0.0:{free_port()}", "--insecure"],
+                          "0.0.0.0:0", "--insecure"],
                          capture_output=True, text=True, timeout=30)
     assert res.returncode != 0 and "without TLS" in res.stderr
     res = subprocess.run([sys.executable, "-m", "corepeek", "agent", "--listen",
-                          f"127.0.0.1:{free_port()}"], capture_output=True, text=True, timeout=30)
+                          "127.0.0.1:0"], capture_output=True, text=True, timeout=30)
     assert res.returncode != 0 and "without TLS" in res.stderr
 
 
@@ -290,8 +291,10 @@ def test_sighup_reloads_the_policy(tmp_path: Path, pki: PKI, build, require_root
             # a broken policy is refused on reload: the old one stays
             a.policy.write_text("rules: [")
             a.agent.proc.send_signal(signal.SIGHUP)
-            time.sleep(0.5)
-            assert "policy reload failed" in a.agent.log()
+            deadline = time.monotonic() + 5
+            while "policy reload failed" not in a.agent.log():   # readiness, not a sleep
+                assert time.monotonic() < deadline, a.agent.log()[-2000:]
+                time.sleep(0.02)
             assert _refused_capture(a, pki, pki.stranger, t.pid).code == \
                 grpc.StatusCode.PERMISSION_DENIED
             doc = _policy(build("threads"))

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from hypothesis import strategies as st
 
 from corepeek_agent import authz
 from corepeek_agent.audit import AuditLog, RangeSet, SessionRecord
-from corepeek_agent.errors import PermissionDenied, ProcessGone, ResourceExhausted
+from corepeek_agent.errors import AgentItself, PermissionDenied, ProcessGone, ResourceExhausted
 from corepeek_agent.policy import local_default_policy, policy_from_dict
 from corepeek_agent.ratelimit import ByteBudget, SessionRateLimiter
 from corepeek_agent.session import pidfd_exited
@@ -240,13 +241,27 @@ def test_certificate_fetcher_reloads_only_good_changes(tmp_path: Path) -> None:
 def test_local_default_guard_without_policy() -> None:
     guard = authz.Guard(local_default_policy(), local_transport=True)
     cg = guard.begin_capture(FakeContext({"transport_security_type": [b"insecure"]}, "unix:"))  # type: ignore[arg-type]
-    cg.admit(os.getpid(), 0, "full")
-    fd = os.pidfd_open(os.getpid())
+    child = subprocess.Popen(["sleep", "30"])
     try:
-        cg(os.getpid(), fd)                             # this test process is dumpable
+        cg.admit(child.pid, 0, "full")
+        fd = os.pidfd_open(child.pid)
+        try:
+            grant = cg(child.pid, fd)                   # a dumpable process
+        finally:
+            os.close(fd)
     finally:
-        os.close(fd)
+        child.kill()
+        child.wait()
     assert cg.record.rule == "builtin-local-full" and cg.budget.limit is None
+    assert (grant.stack_bytes, grant.environment) == (1 << 20, False)
+
+
+def test_the_agent_never_admits_itself() -> None:
+    guard = authz.Guard(local_default_policy(), local_transport=True)
+    ctx = FakeContext({"transport_security_type": [b"insecure"]}, "unix:")
+    for pid in (os.getpid(), threading.get_native_id()):
+        with pytest.raises(AgentItself, match=f"pid {pid} is the agent itself"):
+            guard.begin_capture(ctx).admit(pid, 0, "notes")  # type: ignore[arg-type]
 
 
 # -- client channel ---------------------------------------------------------------------

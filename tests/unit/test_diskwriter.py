@@ -51,6 +51,13 @@ def _check(path: Path, size: int, pieces: list[tuple[int, int]]) -> None:
         raise AssertionError(f"first wrong byte at {bad:#x}")
 
 
+def _page_cache_bytes(path: Path) -> int:
+    """Bytes of path resident in the page cache, as util-linux fincore reports them."""
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
+                         capture_output=True, text=True, check=True).stdout
+    return int(out.strip())
+
+
 def test_given_a_dense_aligned_core_when_written_then_it_goes_direct_and_is_exact(
         tmp_path: Path) -> None:
     size = 24 * MIB
@@ -97,9 +104,14 @@ def test_given_one_staging_buffer_when_the_disk_lags_then_data_spills_to_the_pag
     pieces = [(off, MIB) for off in range(0, size, MIB)]
     out = tmp_path / "core"
     stats = _write(out, size, pieces, stage_count=1, stage_bytes=MIB)
-    _check(out, size, pieces)
-    assert stats.direct_bytes + stats.buffered_bytes == size
+    # Every piece is large and aligned: buffered bytes can only be spills.
+    assert stats.buffered_bytes >= MIB and stats.buffered_writes >= 1, stats
     assert stats.direct_bytes > 0
+    assert stats.direct_bytes + stats.buffered_bytes == size
+    # The kernel agrees: the spilled pages sit in the page cache (direct
+    # writes bypass it), before anything reads the file back.
+    assert _page_cache_bytes(out) >= stats.buffered_bytes
+    _check(out, size, pieces)
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from corepeek_agent import dynlink as dl
+from corepeek_format import dynlink as dl
 from corepeek_agent.elfcore.notes import encode_note
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import random
 
+import pytest
 from elftools.elf.elffile import ELFFile
 
 from corepeek_agent.arch import I386, X86_64
@@ -105,3 +106,53 @@ def test_given_elf32_class_then_headers_are_32_bit() -> None:
     assert elf.elfclass == 32 and elf.header.e_machine == "EM_386"
     load = [s for s in elf.iter_segments() if s["p_type"] == "PT_LOAD"][0]
     assert (load["p_vaddr"], load["p_flags"], load["p_filesz"]) == (0x8048000, 5, PAGE_SIZE)
+
+
+# -- ELF32 offsets ------------------------------------------------------------------------
+#
+# A 32-bit process maps less than 4 GiB, so only headers and notes on top of an
+# almost full address space push a segment's p_offset past 2**32 - 1.  These
+# synthetic layouts pin the limit exactly (tests/integration/test_compat32.py
+# reaches it with a real i386 process).
+
+
+def _filling(total_pages: int, maps: int) -> list[DumpedMapping]:
+    """``maps`` - 1 adjacent anonymous mappings of ``total_pages`` - 1 pages and a
+    one-page tail (the stack's place), all dumped."""
+    per = (total_pages - 1) // (maps - 1)
+    out = [DumpedMapping(_mapping(0x10000 + i * per * PAGE_SIZE, per), per * PAGE_SIZE)
+           for i in range(maps - 1)]
+    out.append(DumpedMapping(_mapping(0xFFFF0000, 1), PAGE_SIZE))
+    return out
+
+
+def test_elf32_core_whose_last_offset_passes_4_GiB_is_refused() -> None:
+    from corepeek_agent.elfcore.layout import ELF32_MAX_OFFSET, CoreTooLarge
+    maps = _filling((1 << 20) - 64, 4)          # 4 GiB - 256 KiB of dumped memory
+    # Notes of 1 MiB put the last segment's offset beyond 2**32 - 1.
+    with pytest.raises(CoreTooLarge) as exc:
+        CoreLayout.build(I386, b"\0" * (1 << 20), maps)
+    assert str(ELF32_MAX_OFFSET) in str(exc.value)
+    # The same memory with small notes fits (the last offset stays below 4 GiB).
+    layout = CoreLayout.build(I386, encode_note(1, b"\0" * 144), maps)
+    assert layout.segments[-1].file_offset <= ELF32_MAX_OFFSET
+    # And a 64-bit core has no such limit.
+    assert CoreLayout.build(X86_64, b"\0" * (1 << 20), maps).segments[-1].file_offset > \
+        ELF32_MAX_OFFSET
+
+
+def test_elf32_limit_is_exact_at_the_last_segments_offset() -> None:
+    from corepeek_agent.elfcore.layout import ELF32_MAX_OFFSET, CoreTooLarge
+    tail = DumpedMapping(_mapping(0xF0000000, 1), PAGE_SIZE)
+    body_pages = (1 << 20) - 2                  # data before the tail segment
+    body = [DumpedMapping(_mapping(0x10000, body_pages), body_pages * PAGE_SIZE)]
+    # Header block + notes padded to one page: the tail's offset is exactly
+    # PAGE_SIZE + body = 2**32 - PAGE_SIZE: it fits ...
+    fits = CoreLayout.build(I386, b"\0" * 1024, body + [tail])
+    assert fits.segments[-1].file_offset == ELF32_MAX_OFFSET + 1 - PAGE_SIZE
+    # ... and one more page of notes or memory before it does not.
+    with pytest.raises(CoreTooLarge):
+        CoreLayout.build(I386, b"\0" * PAGE_SIZE, body + [tail])
+    more = [DumpedMapping(_mapping(0x10000, body_pages + 1), (body_pages + 1) * PAGE_SIZE)]
+    with pytest.raises(CoreTooLarge):
+        CoreLayout.build(I386, b"\0" * 1024, more + [tail])

@@ -24,7 +24,7 @@ from corepeek.remote import Piece, RemoteCoreFile, TransferStats
 from corepeek.v1 import capture_pb2 as pb
 from corepeek_agent.arch import I386, X86_64
 from corepeek_agent.arch.base import ArchSpec
-from corepeek_agent.elfcore import regions
+from corepeek_format import regions
 from corepeek_agent.elfcore.constants import PAGE_SIZE, PN_XNUM
 from corepeek_agent.elfcore.layout import Bytes, CoreLayout, Zeros
 from corepeek_agent.elfcore.model import DumpedMapping, Mapping

@@ -73,12 +73,68 @@ def test_nondumpable_needs_an_explicit_rule() -> None:
         d = p.decide([ONCALL], facts(dumpable=dumpable), MODE_NOTES)
         assert not d.allowed and "allow_nondumpable" in d.reason
     p2 = policy(open_rule, {"name": "agent", "clients": [ONCALL], "modes": ["notes"],
-                            "targets": {"comm": ["ssh-agent"]}, "allow_nondumpable": True})
-    assert p2.decide([ONCALL], facts(comm="ssh-agent", dumpable=False), MODE_NOTES).allowed
-    assert not p2.decide([ONCALL], facts(comm="ssh-agent", dumpable=False), MODE_FULL).allowed
-    assert not p2.decide([ONCALL], facts(comm="gpg-agent", dumpable=False), MODE_NOTES).allowed
-    with pytest.raises(PolicyError, match="exe or comm"):
+                            "targets": {"exe": ["/usr/bin/ssh-agent"]}, "allow_nondumpable": True})
+    agent = facts(exe="/usr/bin/ssh-agent", comm="ssh-agent", dumpable=False)
+    assert p2.decide([ONCALL], agent, MODE_NOTES).allowed
+    assert not p2.decide([ONCALL], agent, MODE_FULL).allowed
+    assert not p2.decide([ONCALL], facts(exe="/usr/bin/gpg-agent", dumpable=False),
+                         MODE_NOTES).allowed
+    with pytest.raises(PolicyError, match="needs an exe selector"):
         policy({"clients": [ONCALL], "modes": ["full"], "allow_nondumpable": True})
+
+
+def test_allow_nondumpable_keyed_on_comm_alone_is_refused() -> None:
+    """comm is the process's own choice: a setuid program run through a symlink named
+    ssh-agent has comm ssh-agent (issue 19, finding 3)."""
+    with pytest.raises(PolicyError, match="comm is chosen by the process"):
+        policy({"clients": [ONCALL], "modes": ["full"], "targets": {"comm": ["ssh-agent"]},
+                "allow_nondumpable": True})
+    p = policy({"clients": [ONCALL], "modes": ["full"], "allow_nondumpable": True,
+                "targets": {"comm": ["ssh-agent"], "exe": ["/usr/bin/ssh-agent"]}})
+    assert not p.decide([ONCALL], facts(exe="/tmp/evil/ssh-agent", comm="ssh-agent",
+                                        dumpable=False), MODE_NOTES).allowed
+
+
+@pytest.mark.parametrize("text, line, key", [
+    # a rule meant to be notes-only for uid 1000, with a second targets/modes pair
+    ("version: 1\nrules:\n- name: r\n  clients: [local]\n  modes: [notes]\n"
+     "  targets: {uid: [1000]}\n  targets: {}\n  modes: [full]\n", 7, "targets"),
+    ("version: 1\nrules:\n- {name: a, clients: [local], modes: [notes]}\n"
+     "rules:\n- {name: b, clients: [local], modes: [full]}\n", 4, "rules"),
+    ("version: 1\nlimits: {sessions_per_minute: 1, sessions_per_minute: 0}\n", 2,
+     "sessions_per_minute"),
+])
+def test_duplicate_keys_are_an_error_naming_the_line(tmp_path: Path, text: str, line: int,
+                                                     key: str) -> None:
+    path = tmp_path / "dup.yaml"
+    path.write_text(text)
+    with pytest.raises(PolicyError, match=rf"line {line}: duplicate key '{key}'"):
+        load_policy(path)
+
+
+@pytest.mark.parametrize("name", ["*", "loc*", "l?cal", "[l]ocal", "uri:x", "dns:x"])
+def test_local_identity_is_a_plain_name(name: str) -> None:
+    with pytest.raises(PolicyError, match="local_identity"):
+        policy({"clients": [name], "modes": ["full"]}, local_identity=name)
+
+
+def test_the_local_identity_matches_only_itself() -> None:
+    p = policy({"clients": ["ops"], "modes": ["full"]}, local_identity="ops")
+    assert p.decide(["ops"], facts(), MODE_FULL).allowed
+    assert not p.decide(["uri:ops"], facts(), MODE_NOTES).allowed
+    assert not p.decide(["uri:spiffe://corp.test/x"], facts(), MODE_NOTES).allowed
+
+
+def test_stack_bytes_and_environment_of_a_rule() -> None:
+    p = policy({"name": "d", "clients": [ONCALL], "modes": ["stacks"]},
+               {"name": "e", "clients": ["dns:x"], "modes": ["stacks"], "stack_bytes": "64KiB",
+                "environment": True})
+    d, e = p.rules
+    assert (d.stack_bytes, d.environment) == (1 << 20, False)
+    assert (e.stack_bytes, e.environment) == (64 << 10, True)
+    for bad in ({"stack_bytes": "unlimited"}, {"environment": "yes"}):
+        with pytest.raises(PolicyError):
+            policy({"clients": [ONCALL], "modes": ["stacks"], **bad})
 
 
 def test_cgroup_and_container_selectors() -> None:

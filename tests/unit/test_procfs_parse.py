@@ -38,6 +38,7 @@ def test_smaps_blocks() -> None:
 def test_given_a_thread_with_a_tricky_name_when_its_state_is_read_then_it_matches_stat() -> None:
     import os
     import threading
+    import time
 
     from corepeek_agent import procfs
     from corepeek_agent.errors import ProcessGone
@@ -56,6 +57,11 @@ def test_given_a_thread_with_a_tricky_name_when_its_state_is_read_then_it_matche
     try:
         with open(f"/proc/self/task/{tid[0]}/comm", "w") as f:
             f.write("x) S (y")                  # parsing must use the last ')'
+        # Readiness: the thread is blocked in done.wait(), by the status file's word.
+        deadline = time.monotonic() + 5
+        while "State:\tS" not in open(f"/proc/self/task/{tid[0]}/status").read():
+            assert time.monotonic() < deadline, "the parked thread never blocked"
+            time.sleep(0.001)
         pid = os.getpid()
         assert procfs.thread_state(pid, tid[0]) == procfs.stat(pid, tid[0]).state == "S"
         assert procfs.thread_state(pid, threading.get_native_id()) == "R"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from corepeek.v1 import capture_pb2 as pb
 from corepeek_agent.arch import X86_64
-from corepeek_agent.elfcore import regions
+from corepeek_format import regions
 from corepeek_agent.elfcore.constants import PAGE_SIZE
 from corepeek_agent.elfcore.layout import CoreLayout
 from corepeek_agent.elfcore.model import DumpedMapping, Mapping

@@ -430,13 +430,17 @@ def test_commands_queued_when_the_tracer_ends_fail(fake_freezer) -> None:  # typ
     started.wait(5)
     b = threading.Thread(target=call, args=(lambda: "late",))
     b.start()
-    time.sleep(0.05)
+    # Thaw only once "late" sits in the queue behind the running "slow".
+    deadline = time.monotonic() + 5
+    while f._commands.qsize() < 1:
+        assert time.monotonic() < deadline, "the second command never reached the queue"
+        time.sleep(0.001)
     f.thaw()
     a.join(5)
     b.join(5)
-    assert "slow" in results
-    assert len(results) == 2
-    assert results.count("late") + sum(isinstance(r, TracerGone) for r in results) == 1
+    # The running command completes; the queued one fails (either may report first).
+    assert len(results) == 2 and results.count("slow") == 1, results
+    assert sum(isinstance(r, TracerGone) for r in results) == 1, results
 
 
 def test_pid_as_seen_by_the_same_namespace() -> None:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from enum import IntEnum, IntFlag
 
+# The same page size and PN_XNUM for the core writer and the client's readers.
+from corepeek_format.elfstructs import PAGE_SIZE, PN_XNUM  # noqa: F401  (re-exported)
+
 ELFMAG = b"\x7fELF"
 EV_CURRENT = 1
 ELFDATA2LSB = 1
 ET_CORE = 4
-PN_XNUM = 0xFFFF
 SHT_NULL = 0
-PAGE_SIZE = 4096  # ELF_EXEC_PAGESIZE on x86; segment data starts page aligned
 
 
 class ElfClass(IntEnum):

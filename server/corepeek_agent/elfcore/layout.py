@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
-from corepeek.elfstructs import EHDR, PHDR, SHDR, pack_phdr
+from corepeek_format.elfstructs import EHDR, PHDR, SHDR, pack_phdr
 
 from ..arch.base import ArchSpec
 from .constants import (ELFDATA2LSB, ELFMAG, ET_CORE, EV_CURRENT, PAGE_SIZE, PN_XNUM,
@@ -62,6 +62,12 @@ class Zeros:
 
 Piece = Bytes | Memory | Zeros
 
+ELF32_MAX_OFFSET = 0xFFFFFFFF
+
+
+class CoreTooLarge(ValueError):
+    """A file offset of the core does not fit the ELF class's 32-bit fields."""
+
 
 def _phdr(cls: ElfClass, ptype: int, flags: int, offset: int, vaddr: int,
           filesz: int, memsz: int, align: int) -> bytes:
@@ -71,6 +77,19 @@ def _phdr(cls: ElfClass, ptype: int, flags: int, offset: int, vaddr: int,
 def _pflags(perms: str) -> int:
     return ((PFlags.PF_R if perms[0] == "r" else 0) | (PFlags.PF_W if perms[1] == "w" else 0)
             | (PFlags.PF_X if perms[2] == "x" else 0))
+
+
+def _check_elf32_offsets(notes_offset: int, segments: Sequence[SegmentLayout],
+                         e_shoff: int) -> None:
+    """Every p_offset (and e_shoff) of an ELF32 core must fit 32 bits: the
+    kernel's compat core writer would silently truncate them."""
+    worst = max([notes_offset, e_shoff] + [s.file_offset for s in segments])
+    if worst > ELF32_MAX_OFFSET:
+        dumped = sum(s.file_size for s in segments)
+        raise CoreTooLarge(
+            f"its 32-bit core would need file offsets up to {worst} bytes, over the ELF32 "
+            f"limit of {ELF32_MAX_OFFSET} ({dumped} bytes of memory to dump in "
+            f"{len(segments)} segments)")
 
 
 @dataclass(frozen=True)
@@ -108,6 +127,8 @@ class CoreLayout:
                                           _pflags(m.perms), m.path, m.offset, m.shared))
             offset += d.dump_size
         e_shoff = offset if e_phnum == PN_XNUM else 0
+        if ec == ElfClass.ELF32:
+            _check_elf32_offsets(notes_offset, segments, e_shoff)
         section_header = b""
         if e_phnum == PN_XNUM:
             # sh_info carries the real program header count (fill_extnum_info()).

@@ -9,6 +9,9 @@ from __future__ import annotations
 import struct
 
 ELFCLASS32, ELFCLASS64 = 1, 2
+PAGE_SIZE = 4096  # ELF_EXEC_PAGESIZE on x86; segment data starts page aligned
+PT_LOAD, PT_NOTE = 1, 4
+PN_XNUM = 0xFFFF  # e_phnum when the real count is in the first section header's sh_info
 
 EHDR = {ELFCLASS64: struct.Struct("<16sHHIQQQIHHHHHH"),
         ELFCLASS32: struct.Struct("<16sHHIIIIIHHHHHH")}

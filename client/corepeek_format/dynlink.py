@@ -32,11 +32,11 @@ and a short read ends that branch of the walk instead of failing.
 
 from __future__ import annotations
 
-from corepeek.ranges import merge_ranges
-
 import struct
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+
+from .ranges import merge_ranges
 
 ReadFn = Callable[[int, int], bytes]   # may return fewer bytes than asked (unreadable)
 VRange = tuple[int, int]              # (vaddr, length)

@@ -5,25 +5,25 @@ thread, its stack from just below the stack pointer (the x86-64 red zone) up
 to the end of the stack's mapping, capped; the first page of every mapped
 ELF object (headers and build-id, as coredump_filter bit 4 keeps); special
 mappings such as [vdso]; and ranges the caller found the dynamic linker's
-shared-library list in (:mod:`corepeek_agent.dynlink`), so a debugger can name
+shared-library list in (:mod:`corepeek_format.dynlink`), so a debugger can name
 the libraries.
 
 Ranges are ``(file offset, length)`` in the *full* core and only ever cover
 bytes the full core holds (``file_size`` of a segment, never past it).  The
-segment helpers take any objects with the :class:`SegmentLike` attributes, so
-the client can plan the same ranges from the protobuf layout it received.
+segment helpers take any objects with the :class:`SegmentLike` attributes and
+a layout is anything with the :class:`LayoutLike` attributes (the agent's
+``CoreLayout``), so the client can plan the same ranges from the protobuf
+layout it received.
 """
 
 from __future__ import annotations
-
-from corepeek.ranges import merge_ranges
 
 import bisect
 from collections.abc import Iterable, Sequence
 from typing import Protocol
 
-from .constants import PAGE_SIZE
-from .layout import CoreLayout
+from .elfstructs import PAGE_SIZE
+from .ranges import merge_ranges
 
 RED_ZONE = 128
 SPECIAL_WHOLE = ("[vdso]", "[vsyscall]")
@@ -46,6 +46,23 @@ class SegmentLike(Protocol):
     def name(self) -> str: ...
     @property
     def file_page_offset(self) -> int: ...
+
+
+class LayoutLike(Protocol):
+    """What the planning needs of a whole core's layout (the agent's CoreLayout)."""
+
+    @property
+    def header(self) -> bytes: ...
+    @property
+    def notes_offset(self) -> int: ...
+    @property
+    def notes(self) -> bytes: ...
+    @property
+    def section_header(self) -> bytes: ...
+    @property
+    def section_header_offset(self) -> int: ...
+    @property
+    def segments(self) -> Sequence[SegmentLike]: ...
 
 
 def merge(ranges: Iterable[Range]) -> list[Range]:
@@ -92,24 +109,24 @@ class SegmentIndex:
         return out
 
 
-def segment_for(layout: CoreLayout | Sequence[SegmentLike], vaddr: int) -> SegmentLike | None:
+def segment_for(layout: LayoutLike | Sequence[SegmentLike], vaddr: int) -> SegmentLike | None:
     return _index(layout).find(vaddr)
 
 
-def vaddr_range_to_file(layout: CoreLayout | Sequence[SegmentLike], vaddr: int,
+def vaddr_range_to_file(layout: LayoutLike | Sequence[SegmentLike], vaddr: int,
                         length: int) -> list[Range]:
     """File ranges holding target memory [vaddr, vaddr+length) (dumped bytes only)."""
     return _index(layout).to_file(vaddr, length)
 
 
-def notes_ranges(layout: CoreLayout) -> list[Range]:
+def notes_ranges(layout: LayoutLike) -> list[Range]:
     ranges = [(0, len(layout.header)), (layout.notes_offset, len(layout.notes))]
     if layout.section_header:
         ranges.append((layout.section_header_offset, len(layout.section_header)))
     return merge(ranges)
 
 
-def stack_ranges(layout: CoreLayout | Sequence[SegmentLike] | SegmentIndex,
+def stack_ranges(layout: LayoutLike | Sequence[SegmentLike] | SegmentIndex,
                  stack_pointers: Iterable[int], cap: int) -> list[Range]:
     """Per stack pointer: from just below it (red zone, page aligned) to its mapping's end."""
     out: list[Range] = []
@@ -124,7 +141,7 @@ def stack_ranges(layout: CoreLayout | Sequence[SegmentLike] | SegmentIndex,
     return out
 
 
-def object_header_ranges(layout: CoreLayout | Sequence[SegmentLike]) -> list[Range]:
+def object_header_ranges(layout: LayoutLike | Sequence[SegmentLike]) -> list[Range]:
     """First page of file mappings at offset 0, and whole special mappings."""
     out: list[Range] = []
     for seg in _segments(layout):
@@ -147,15 +164,16 @@ def memory_ranges(segments: Sequence[SegmentLike], stack_pointers: Iterable[int]
     return merge(ranges)
 
 
-def stacks_ranges(layout: CoreLayout, stack_pointers: Iterable[int], cap: int,
+def stacks_ranges(layout: LayoutLike, stack_pointers: Iterable[int], cap: int,
                   extra_vaddr_ranges: Iterable[tuple[int, int]] = ()) -> list[Range]:
     return merge(notes_ranges(layout)
                  + memory_ranges(layout.segments, stack_pointers, cap, extra_vaddr_ranges))
 
 
-def _segments(layout: CoreLayout | Sequence[SegmentLike]) -> Sequence[SegmentLike]:
-    return layout.segments if isinstance(layout, CoreLayout) else layout
+def _segments(layout: LayoutLike | Sequence[SegmentLike]) -> Sequence[SegmentLike]:
+    segments = getattr(layout, "segments", None)   # a LayoutLike, or segments already
+    return layout if segments is None else segments
 
 
-def _index(layout: CoreLayout | Sequence[SegmentLike] | SegmentIndex) -> SegmentIndex:
+def _index(layout: LayoutLike | Sequence[SegmentLike] | SegmentIndex) -> SegmentIndex:
     return layout if isinstance(layout, SegmentIndex) else SegmentIndex(_segments(layout))
