@@ -162,7 +162,9 @@ def test_max_freeze_ends_the_dump(own_agent, bigmem_target: Target, tmp_path: Pa
     print(f"MEASURED max-freeze 1 s: thawed {thaw:.2f} s after the client paused")
     code, err = finish(proc)
     assert code == 1, err
-    assert_one_line(err)
+    line = assert_one_line(err)
+    assert "DEADLINE_EXCEEDED: the agent's --max-freeze of 1 s ended the capture" in line
+    assert "no core written to" in line
     assert_nothing_left(out)
     assert_thawed_and_undisturbed(bigmem_target)
 
