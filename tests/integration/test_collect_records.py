@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.checks import assert_thawed_and_undisturbed
+from harness.checks import assert_thawed_and_undisturbed, wait_thawed
 from harness.targets import Target
 from test_fleet import S3_ENV, s3_server  # noqa: F401 - the fixture is used by name
 
@@ -66,23 +66,34 @@ def test_two_runs_into_one_directory_keep_both_records(agent, build, require_roo
         {*cores, *(e["manifest"] for e in index), "manifest.json", "runs.json"})
 
 
+def start_collect_and_pause(address: str, pid: int, out: Path) -> subprocess.Popen[str]:
+    """`corepeek collect` of ``pid``, SIGSTOPped once its scratch file holds 16 MiB."""
+    proc = subprocess.Popen([sys.executable, "-m", "corepeek", "collect", "--agents",
+                             address, "--pid", str(pid), "--out", str(out),
+                             "--retries", "0"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        tmps = list(out.glob(".*.tmp")) if out.exists() else []
+        sizes = []
+        for tmp in tmps:
+            try:
+                sizes.append(tmp.stat().st_size)
+            except FileNotFoundError:
+                pass
+        if max(sizes, default=0) > 16 << 20:
+            os.kill(proc.pid, signal.SIGSTOP)
+            return proc
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.002)
+    proc.kill()
+    raise AssertionError("the capture's scratch file did not grow")
+
+
 def test_a_capture_cut_short_leaves_no_file(agent, build, require_root, tmp_path: Path) -> None:
     out = tmp_path / "run"
     with Target(build("bigmem"), ["-m", "768"]) as t:
-        proc = subprocess.Popen([sys.executable, "-m", "corepeek", "collect", "--agents",
-                                 agent.address, "--pid", str(t.pid), "--out", str(out),
-                                 "--retries", "0"], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:            # pause it mid-capture, then kill the target
-            tmps = list(out.glob(".*.tmp")) if out.exists() else []
-            if tmps and max((p.stat().st_size for p in tmps if p.exists()), default=0) > 16 << 20:
-                os.kill(proc.pid, signal.SIGSTOP)
-                break
-            assert proc.poll() is None, proc.communicate()
-            time.sleep(0.002)
-        else:
-            raise AssertionError("the capture's scratch file did not grow")
+        proc = start_collect_and_pause(agent.address, t.pid, out)
         t.send_signal(signal.SIGKILL)
         os.kill(proc.pid, signal.SIGCONT)
         _, err = proc.communicate(timeout=120)
@@ -93,6 +104,27 @@ def test_a_capture_cut_short_leaves_no_file(agent, build, require_root, tmp_path
     assert sorted(p.name for p in out.iterdir()) == sorted(
         [json.loads((out / "runs.json").read_text())["runs"][0]["manifest"], "manifest.json",
          "runs.json"])
+
+
+def test_ctrl_c_ends_the_captures_and_keeps_the_record(agent, build, require_root,
+                                                       tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    with Target(build("bigmem"), ["-m", "768"]) as t:
+        proc = start_collect_and_pause(agent.address, t.pid, out)
+        os.kill(proc.pid, signal.SIGINT)              # delivered when it continues
+        t0 = time.monotonic()
+        os.kill(proc.pid, signal.SIGCONT)
+        _, err = proc.communicate(timeout=120)
+        took = time.monotonic() - t0
+        wait_thawed(t)
+        assert_thawed_and_undisturbed(t)
+    assert proc.returncode == 130 and err.endswith("corepeek: interrupted\n"), err
+    assert took < 10, f"collect took {took:.1f} s to stop"
+    [cap] = json.loads((out / "manifest.json").read_text())["captures"]
+    assert cap["status"] == "error" and cap["path"] is None, cap
+    [run] = json.loads((out / "runs.json").read_text())["runs"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [run["manifest"], "manifest.json", "runs.json"]), "a partial core was stored"
 
 
 # -- S3: an upload cut midway ------------------------------------------------------------------

@@ -81,9 +81,12 @@ class _Channels:
         self._lock = threading.Lock()
         self._channels: dict[str, grpc.Channel] = {}
         self._retired: list[grpc.Channel] = []
+        self._closed = False
 
     def get(self, address: str) -> grpc.Channel:
         with self._lock:
+            if self._closed:                  # the run was interrupted: no new capture
+                raise CaptureError("interrupted", grpc.StatusCode.CANCELLED)
             ch = self._channels.get(address)
             if ch is None:
                 ch = self._channels[address] = open_channel(address, self._tls)
@@ -95,7 +98,9 @@ class _Channels:
                 self._retired.append(self._channels.pop(address))
 
     def close(self) -> None:
+        """Close every channel (cancelling its RPCs); no channel is opened after."""
         with self._lock:
+            self._closed = True
             for ch in [*self._channels.values(), *self._retired]:
                 ch.close()
             self._channels.clear()
@@ -128,6 +133,8 @@ class Collector:
         self.sink = sink or self._make_sink()
         self.channels = _Channels(cfg.tls)
         self.names = NameClaims([MANIFEST_NAME])
+        self._stopping = threading.Event()     # Ctrl-C: end the captures, store nothing more
+        self._done: list[CaptureRecord] = []   # finished captures, kept if the run is cut
 
     def _make_sink(self) -> Sink:
         out = self.cfg.out or default_out_dir(self.now())
@@ -217,6 +224,8 @@ class Collector:
                     rec.wire_bytes = core.stats.wire_bytes
                 rec.seconds = time.monotonic() - t0      # closed: the target is thawed
                 rec.core_bytes = os.fstat(scratch.fd).st_size
+                if self._stopping.is_set():
+                    raise CaptureError("interrupted before the core was stored")
                 t1 = time.monotonic()
                 stored = self.sink.store(scratch, name, cfg.compress, cfg.compress_level)
                 rec.store_seconds = time.monotonic() - t1
@@ -226,7 +235,8 @@ class Collector:
             except CaptureError as exc:
                 rec.seconds = time.monotonic() - t0
                 rec.error, rec.code = _error_text(exc)
-                if exc.code in RETRYABLE and rec.attempts <= len(delays):
+                if exc.code in RETRYABLE and rec.attempts <= len(delays) \
+                        and not self._stopping.is_set():
                     log.info("%s pid %d: %s; retry %d in %.2f s", m.host, m.pid, rec.error,
                              rec.attempts, delays[rec.attempts - 1])
                     os.ftruncate(scratch.fd, 0)           # the next attempt starts afresh
@@ -277,14 +287,31 @@ class Collector:
             def capture_one(m: Match) -> CaptureRecord:
                 rec = self.capture(m)
                 self.progress.done(m.agent, rec.status == "ok")
+                self._done.append(rec)
                 return rec
 
-            records = run_bounded(plan, capture_one, key=lambda m: m.agent,
-                                  concurrency=cfg.concurrency, per_key=cfg.per_host,
-                                  on_error=self._failed)
+            try:
+                records = run_bounded(plan, capture_one, key=lambda m: m.agent,
+                                      concurrency=cfg.concurrency, per_key=cfg.per_host,
+                                      on_error=self._failed, on_abort=self._interrupt)
+            except KeyboardInterrupt:
+                # Cores already stored keep their record: the run's manifest
+                # lists what finished (the rest never started or was cut).
+                self._write(started, cfg, agents, list(self._done))
+                raise
         finally:
             self.progress.close()
             self.channels.close()
+        return self._write(started, cfg, agents, records)
+
+    def _interrupt(self) -> None:
+        """Ctrl-C: cancel every open capture (closing a channel cancels its RPCs;
+        the agent thaws), and let none store its core."""
+        self._stopping.set()
+        self.channels.close()
+
+    def _write(self, started: datetime, cfg: CollectConfig, agents: list[AgentResult],
+               records: list[CaptureRecord]) -> CollectResult:
         manifest = build_manifest(started=started, finished=self.now(),
                                   selection=cfg.selection, mode=cfg.mode,
                                   compress=cfg.compress, destination=self.sink.destination,
