@@ -22,6 +22,7 @@ from .authz import Guard
 from .errors import CorepeekError
 from .registry import SessionRegistry
 from .service import AgentConfig, CoreCaptureServicer, add_capture_service
+from .sockbuf import buffer_options
 from .tls import ReloadingCertificates, TLSConfigError, TLSFiles
 
 log = logging.getLogger(__name__)
@@ -40,12 +41,13 @@ SERVER_OPTIONS = [
 ]
 
 
-def server_options(config: AgentConfig) -> list[tuple[str, int]]:
+def server_options(config: AgentConfig) -> list[tuple[str, object]]:
     """Keepalive: a client whose network path is cut is noticed within about
-    keepalive + timeout, and its session is cancelled (which thaws the target)."""
+    keepalive + timeout, and its session is cancelled (which thaws the target).
+    Socket send buffers sized for the stream (sockbuf.py)."""
     return [("grpc.keepalive_time_ms", int(config.keepalive_seconds * 1000)),
             ("grpc.keepalive_timeout_ms", int(config.keepalive_timeout_seconds * 1000)),
-            *SERVER_OPTIONS]
+            *SERVER_OPTIONS, *buffer_options(config.socket_buffer_bytes)]
 
 
 class InsecureListenRefused(CorepeekError):

@@ -24,6 +24,7 @@ from .policy import local_default_policy
 from .registry import SessionRegistry
 from .session import (DEFAULT_CHUNK, MAX_CHUNK, MODE_FULL, MODE_NOTES, MODE_STACKS,
                       CaptureSession, Chunk, SessionOptions)
+from .sockbuf import DEFAULT_BUFFER_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,8 @@ class AgentConfig:
     # keepalive_seconds + keepalive_timeout_seconds (its session then thaws).
     keepalive_seconds: float = 10.0
     keepalive_timeout_seconds: float = 5.0
+    # Send buffer of every accepted connection (sockbuf.py); 0 keeps the kernel's.
+    socket_buffer_bytes: int = DEFAULT_BUFFER_BYTES
 
 
 def session_options(opts: pb.CaptureOptions, config: AgentConfig) -> SessionOptions:
