@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import gc
-import os
 import queue
 import threading
 from collections.abc import Callable
@@ -46,22 +44,6 @@ def write_full_core(core: RemoteCore, out: Path | str, progress: Progress | None
     """
     if tune_malloc:
         raise_malloc_thresholds()
-    # The per-chunk objects (pieces, views, tuples) hold no cycles; the
-    # collector would only walk them (2-3% of the client's CPU per GiB).
-    gc_was_on = gc.isenabled() and not os.environ.get("COREPEEK_BENCH_GC")
-    if gc_was_on:
-        gc.disable()
-    try:
-        return _write_full_core(core, out, progress, request_bytes, writer_thread, direct,
-                                writer_opts)
-    finally:
-        if gc_was_on:
-            gc.enable()
-
-
-def _write_full_core(core: RemoteCore, out: Path | str, progress: Progress | None,
-                     request_bytes: int, writer_thread: bool | None, direct: bool,
-                     writer_opts: dict[str, Any]) -> int:
     size = core.size
     ranges = ((start, min(request_bytes, size - start)) for start in range(0, size, request_bytes))
     with CoreFileWriter(out, direct=direct, **writer_opts) as disk:
