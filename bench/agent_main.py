@@ -145,7 +145,8 @@ def _legacy() -> None:
 
 def _sockbuf(size: int) -> None:
     from corepeek_agent import server, sockbuf
-    server.buffer_options = lambda *_a, **_k: sockbuf.buffer_options(size)  # type: ignore[assignment]
+    server.buffer_options = (  # type: ignore[assignment]
+        lambda *_a, **_k: sockbuf.buffer_options(size))
 
 
 def _server_option(item: str) -> None:

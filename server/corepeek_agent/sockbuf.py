@@ -149,7 +149,8 @@ class BufferSizer:
         try:
             short = []
             for send, size in ((True, self.send_bytes), (False, self.receive_bytes)):
-                if size > 0 and set_buffer(fd, send, size) < size:
+                # The kernel doubles what it is given (room for its bookkeeping).
+                if size > 0 and set_buffer(fd, send, size) < 2 * size:
                     short.append(("SO_SNDBUF" if send else "SO_RCVBUF", size))
             with self._lock:
                 self.sockets += 1
