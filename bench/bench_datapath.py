@@ -23,7 +23,7 @@ Columns: wall (from open to closed; gcore: the gdb command), GB/s, CPU
 seconds per GiB of the sender (agent or bare server; gdb for gcore) and of
 the receiver (client), and the ratios of the medians: corepeek/bare (same
 transport) and x/gcore.  Certificates are made on the fly (cryptography).
-``--bare-default-buffers`` adds a bare Unix stream with the kernel's default
+``--bare-default-buffers`` adds the bare streams with the kernel's default
 socket buffers, to show what sockbuf.py buys.  Every run goes to --json.
 """
 
@@ -260,7 +260,8 @@ def summarize(mib: int, runs: dict[str, list[dict]]) -> list[list[str]]:
     gib = mib / 1024
     med = {k: bl.medians(v) for k, v in runs.items() if v}
     rows = []
-    for path in [p for p in (*PATHS, "bare unix, default buffers") if p in med]:
+    extra = ("bare unix, default buffers", "bare mTLS, default buffers")
+    for path in [p for p in (*PATHS, *extra) if p in med]:
         m = med[path]
         wall = m["wall_s"]
         walls = sorted(r["wall_s"] for r in runs[path])
@@ -307,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_gcore and "gcore" in paths:
         paths.remove("gcore")
     if args.bare_default_buffers:
-        paths.append("bare unix, default buffers")
+        paths += ["bare unix, default buffers", "bare mTLS, default buffers"]
     workdir = Path(args.workdir)
     results: dict = {"time": datetime.datetime.now().isoformat(timespec="seconds"),
                      "sizes": {}, "load": [], "cpus": os.cpu_count()}
@@ -329,6 +330,9 @@ def main(argv: list[str] | None = None) -> int:
                     f"unix:{tmp}/bare-default.sock", None, sndbuf=0)
             if "bare mTLS" in paths:
                 servers["bare mTLS"] = BareServer(f"127.0.0.1:{_free_port()}", certs)
+            if "bare mTLS, default buffers" in paths:
+                servers["bare mTLS, default buffers"] = BareServer(
+                    f"127.0.0.1:{_free_port()}", certs, sndbuf=0)
             if "corepeek unix" in paths:
                 servers["corepeek unix"] = Agent(tmp / "agent-unix", None, exe)
             if "corepeek mTLS" in paths:

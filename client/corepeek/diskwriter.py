@@ -19,7 +19,6 @@ coherent.  Holes are never written; ``finish`` sets the file size.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import mmap
 import os
@@ -63,51 +62,11 @@ class WriteStats:
     direct_fallback: str = ""           # why direct I/O is not used, if it is not
 
 
-class _PyBuffer(ctypes.Structure):
-    """CPython's Py_buffer (stable since 3.3)."""
-
-    _fields_ = [("buf", ctypes.c_void_p), ("obj", ctypes.c_void_p), ("len", ctypes.c_ssize_t),
-                ("itemsize", ctypes.c_ssize_t), ("readonly", ctypes.c_int), ("ndim", ctypes.c_int),
-                ("format", ctypes.c_char_p), ("shape", ctypes.c_void_p),
-                ("strides", ctypes.c_void_p), ("suboffsets", ctypes.c_void_p),
-                ("internal", ctypes.c_void_p)]
-
-
-_get_buffer = ctypes.pythonapi.PyObject_GetBuffer
-_get_buffer.argtypes = [ctypes.py_object, ctypes.POINTER(_PyBuffer), ctypes.c_int]
-_release_buffer = ctypes.pythonapi.PyBuffer_Release
-_release_buffer.argtypes = [ctypes.POINTER(_PyBuffer)]
-_PYBUF_SIMPLE = 0
-
-
-def copy_into(dest: int, data: bytes | memoryview) -> None:
-    """memcpy ``data`` (contiguous) to address ``dest`` without holding the GIL.
-
-    Why: the staging copy of a 1 MiB message takes 0.1-0.2 ms.  Done by a
-    slice assignment it holds the GIL all along, and gRPC's threads that
-    deliver the next message wait for it (py-spy --gil: a third of the
-    receiving process's GIL time sat on that line).  ``ctypes.memmove`` drops
-    the GIL, so receiving and copying overlap on two CPUs.
-    """
-    pb = _PyBuffer()
-    _get_buffer(data, ctypes.byref(pb), _PYBUF_SIMPLE)
-    try:
-        ctypes.memmove(dest, pb.buf, pb.len)
-    finally:
-        _release_buffer(ctypes.byref(pb))
-
-
 @dataclass
 class _Stage:
     buf: mmap.mmap
     offset: int = 0
     length: int = 0
-    address: int = 0                    # of buf's memory (valid until buf.close())
-
-    def __post_init__(self) -> None:
-        anchor = ctypes.c_char.from_buffer(self.buf)    # an export, dropped at once
-        self.address = ctypes.addressof(anchor)
-        del anchor
 
 
 class CoreFileWriter:
@@ -199,7 +158,7 @@ class CoreFileWriter:
                 cur.offset, cur.length = offset, 0
                 self._cur = cur
             take = min(len(view), self._stage_bytes - cur.length)
-            copy_into(cur.address + cur.length, view[:take])
+            cur.buf[cur.length:cur.length + take] = view[:take]
             cur.length += take
             offset += take
             view = view[take:]

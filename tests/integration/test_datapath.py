@@ -2,7 +2,7 @@
 
 One capture of a dense target through a real agent (Unix socket, and
 loopback TCP): ``write_full_core`` writes the file (direct writes from the
-staging buffers, filled by the GIL-free copy), then the same capture -- the
+staging buffers), then the same capture -- the
 target still frozen, so the bytes cannot change -- reads the whole core again
 through ``read_bytes``, a path with no disk writer at all.  The two must be
 equal byte for byte, and the target must come out thawed and undisturbed.
