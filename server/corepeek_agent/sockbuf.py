@@ -95,15 +95,18 @@ def set_buffer(fd: int, send: bool, size: int) -> int:
     return got.value
 
 
+_ALIVE: list[BufferSizer] = []      # every mutator handed to gRPC (one per server)
+
+
 @dataclass
 class BufferSizer:
     """A gRPC socket mutator that sizes the buffers of the sockets it sees.
 
     ``send_bytes``/``receive_bytes`` (0: leave alone) apply to accepted
     connections (``server=True``) or to client connections.  Pass
-    :meth:`option` in the server's or channel's options; keep this object
-    alive as long as them (gRPC holds a raw pointer to it; it is never
-    freed, it is a few dozen bytes per process).
+    :meth:`option` in the server's or channel's options.  gRPC holds a raw
+    pointer to it, so it lives as long as the process (a few hundred bytes
+    per server).
     """
 
     send_bytes: int = DEFAULT_BUFFER_BYTES
@@ -122,6 +125,9 @@ class BufferSizer:
         self._vtable = _VTable(*self._callbacks)
         # One reference that is never released: gRPC never calls destroy.
         self._mutator = _Mutator(ctypes.pointer(self._vtable), 1)
+        # grpcio does not keep its options alive once the server or channel
+        # exists, but core keeps the pointer: never let this object go.
+        _ALIVE.append(self)
 
     def __int__(self) -> int:
         """The address of the grpc_socket_mutator (grpcio's pointer-option protocol)."""

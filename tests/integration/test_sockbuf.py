@@ -10,6 +10,7 @@ connections are served anyway.
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import subprocess
@@ -63,6 +64,7 @@ def accepted_sndbuf(unix_path: str | None, port: int | None) -> list[int]:
 def served(address: str, config: AgentConfig) -> Iterator[tuple[str, int]]:
     server, port, _registry = create_server(address, insecure=True, config=config)
     server.start()
+    gc.collect()            # the options list is gone: the mutator must not be
     target = address if address.startswith("unix:") else f"127.0.0.1:{port}"
     try:
         with grpc.insecure_channel(target) as ch:
