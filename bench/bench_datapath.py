@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="256 MiB and 1 GiB, 2 reps")
     p.add_argument("--sizes", default="256,1024,4096", help="MiB touched, comma-separated")
-    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--reps", type=int, default=None, help="runs per path (3; --quick: 2)")
     p.add_argument("--paths", default=",".join(PATHS),
                    help=f"comma-separated subset of: {', '.join(PATHS)}")
     p.add_argument("--no-gcore", action="store_true")
@@ -303,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.pull:
         return pull_main(args)
     sizes = [256, 1024] if args.quick else [int(s) for s in args.sizes.split(",")]
-    reps = 2 if args.quick and args.reps == 3 else args.reps
+    reps = args.reps or (2 if args.quick else 3)
     paths = [s.strip() for s in args.paths.split(",") if s.strip()]
     if args.no_gcore and "gcore" in paths:
         paths.remove("gcore")
