@@ -17,6 +17,8 @@ agent in this process only; the shipped code is unchanged:
                    messages, one message per populated run (no packing); use
                    with ``client_main.py --legacy``
 * ``sopt:KEY=VALUE`` set a gRPC server option (integers passed as integers)
+* ``sockbuf=BYTES`` socket send buffer of accepted connections (sockbuf.py;
+                   0: the kernel's default) instead of the agent's 4 MiB
 """
 
 from __future__ import annotations
@@ -141,6 +143,12 @@ def _legacy() -> None:
     session.CaptureSession._memory_chunks = memory_chunks  # type: ignore[method-assign]
 
 
+def _sockbuf(size: int) -> None:
+    from corepeek_agent import server, sockbuf
+    server.buffer_options = (  # type: ignore[assignment]
+        lambda *_a, **_k: sockbuf.buffer_options(size))
+
+
 def _server_option(item: str) -> None:
     from corepeek_agent import server
     key, _, value = item.partition("=")
@@ -161,10 +169,13 @@ def main(argv: list[str]) -> int:
     for v in args.variant:
         if v.startswith("sopt:"):
             _server_option(v[len("sopt:"):])
+        elif v.startswith("sockbuf="):
+            _sockbuf(int(v[len("sockbuf="):]))
         elif v in PATCHES:
             PATCHES[v]()
         else:
-            p.error(f"unknown variant {v!r}: one of {', '.join(VARIANTS)} or sopt:KEY=VALUE")
+            p.error(f"unknown variant {v!r}: one of {', '.join(VARIANTS)}, "
+                    "sopt:KEY=VALUE or sockbuf=BYTES")
     rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest
     from corepeek.cli import main as cli_main
     return cli_main(rest)

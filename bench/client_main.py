@@ -1,6 +1,6 @@
 """One capture through an agent into a file, as ``corepeek dump`` does; prints JSON.
 
-    python bench/client_main.py --agent ADDR --pid PID --out FILE [--chunk-bytes N]
+    python bench/client_main.py --agent ADDR --pid PID --out FILE [--chunk-bytes N] [--tls-*]
                                 [--mallopt] [--option KEY=VALUE ...] [--mode full]
 
 A fresh process per capture, like the CLI.  Times are taken inside, from
@@ -33,6 +33,9 @@ def main(argv: list[str]) -> int:
                    help="do not let write_full_core raise glibc's malloc thresholds")
     p.add_argument("--option", action="append", default=[])
     p.add_argument("--no-writer-thread", action="store_true")
+    p.add_argument("--tls-ca", help="mutual TLS (TCP agents): CA of the agent's certificate")
+    p.add_argument("--tls-cert", help="this client's certificate")
+    p.add_argument("--tls-key", help="this client's key")
     p.add_argument("--writer-thread", action="store_true",
                    help="a writer thread even with direct I/O (default: only without)")
     p.add_argument("--write-piece", type=int, default=0, help="largest buffered pwrite (bytes)")
@@ -45,7 +48,7 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     import grpc
 
-    from corepeek.channel import CHANNEL_OPTIONS
+    from corepeek.channel import CHANNEL_OPTIONS, TLSOptions
     from corepeek.dump import write_full_core
     from corepeek.remote import open_capture
 
@@ -56,7 +59,11 @@ def main(argv: list[str]) -> int:
     for item in args.option:
         key, _, value = item.partition("=")
         extra.append((key, int(value) if value.lstrip("-").isdigit() else value))
-    channel = grpc.insecure_channel(args.agent, options=list(CHANNEL_OPTIONS) + extra)
+    if args.tls_ca:
+        creds = TLSOptions(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key).credentials()
+        channel = grpc.secure_channel(args.agent, creds, options=list(CHANNEL_OPTIONS) + extra)
+    else:
+        channel = grpc.insecure_channel(args.agent, options=list(CHANNEL_OPTIONS) + extra)
     from corepeek.diskwriter import WriteStats
     disk_stats = WriteStats()
     cpu0 = time.process_time()

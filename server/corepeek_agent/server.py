@@ -24,6 +24,7 @@ from .errors import CorepeekError
 from .gate import UNARY_WORKERS, GateLimits, RpcGate
 from .registry import SessionRegistry
 from .service import AgentConfig, CoreCaptureServicer, add_capture_service
+from .sockbuf import buffer_options
 from .tls import ReloadingCertificates, TLSConfigError, TLSFiles
 from .unixsocket import bind_unix
 
@@ -43,12 +44,13 @@ SERVER_OPTIONS = [
 ]
 
 
-def server_options(config: AgentConfig) -> list[tuple[str, int]]:
+def server_options(config: AgentConfig) -> list[tuple[str, object]]:
     """Keepalive: a client whose network path is cut is noticed within about
-    keepalive + timeout, and its session is cancelled (which thaws the target)."""
+    keepalive + timeout, and its session is cancelled (which thaws the target).
+    Socket send buffers sized for the stream (sockbuf.py)."""
     return [("grpc.keepalive_time_ms", int(config.keepalive_seconds * 1000)),
             ("grpc.keepalive_timeout_ms", int(config.keepalive_timeout_seconds * 1000)),
-            *SERVER_OPTIONS]
+            *SERVER_OPTIONS, *buffer_options(config.socket_buffer_bytes)]
 
 
 class InsecureListenRefused(CorepeekError):

@@ -25,6 +25,7 @@ from .policy import local_default_policy
 from .registry import SessionRegistry
 from .session import (DEFAULT_CHUNK, MAX_CHUNK, MODE_FULL, MODE_NOTES, MODE_STACKS,
                       CaptureSession, Chunk, SessionOptions)
+from .sockbuf import DEFAULT_BUFFER_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,9 @@ class AgentConfig:
     first_request_seconds: float = 5.0
     idle_timeout_seconds: float = 60.0
     max_lifetime_seconds: float = 900.0
+
+    # Send buffer of every accepted connection (sockbuf.py); 0 keeps the kernel's.
+    socket_buffer_bytes: int = DEFAULT_BUFFER_BYTES
 
     @property
     def lifetimes(self) -> Lifetimes:

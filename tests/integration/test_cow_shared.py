@@ -81,8 +81,14 @@ def test_full_capture_of_a_forked_worker_copies_none_of_its_shared_pages(agent,
         assert data[4096 * 5:4096 * 5 + 8] == (4096 * 5).to_bytes(8, "little")
         assert before > (SIZE_MIB - 1) * 1024, before
         assert before - after < 1024, f"the capture unshared {before - after} KiB in the worker"
-        status = open(f"/proc/{worker}/status").read()
-        assert "TracerPid:\t0" in status and "State:\tS" in status
+        # Thawed: untraced and asleep again (a thawed task is briefly R on its
+        # way back into clock_nanosleep), never killed or woken for good.
+        deadline = time.monotonic() + 5
+        while not ("TracerPid:\t0" in (status := open(f"/proc/{worker}/status").read())
+                   and "State:\tS" in status):
+            assert time.monotonic() < deadline, status
+            time.sleep(0.01)
+        _wait_in_nanosleep(worker)
     finally:
         os.killpg(parent.pid, signal.SIGKILL)   # worker and parent together
         parent.wait()
