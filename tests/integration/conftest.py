@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from harness.agents import AgentProcess, start_agent, stop_agent
 from harness.checks import ptrace_available
 from harness.targets import build_target
 
@@ -23,3 +24,12 @@ def build(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
     """build(name, m32=False) -> path of the compiled target (cached per session)."""
     out = tmp_path_factory.mktemp("targets")
     return lambda name, m32=False: build_target(name, out, m32=m32)
+
+
+@pytest.fixture
+def audited_agent(tmp_path: Path, require_root: None) -> Iterator[AgentProcess]:
+    """An agent of the test's own, writing its audit log to ``tmp_path / "audit"``."""
+    a = start_agent(tmp_path, "--sessions-per-minute", "0", "--audit-log",
+                    str(tmp_path / "audit"))
+    yield a
+    stop_agent(a)

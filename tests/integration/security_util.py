@@ -1,4 +1,4 @@
-"""Helpers shared by the security and fuzz tests: ports, TLS clients, audit log,
+"""Helpers shared by the security and fuzz tests: TLS clients, audit log,
 world-readable target copies and a non-dumpable preload."""
 
 from __future__ import annotations
@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time

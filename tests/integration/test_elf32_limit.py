@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -22,7 +21,6 @@ import pytest
 
 from corepeek.errors import CaptureError
 from corepeek.remote import open_capture
-from harness.agents import AgentProcess, start_agent, stop_agent
 from harness.targets import proc_status_field
 from security_util import wait_audit
 
@@ -39,12 +37,6 @@ def fill4g(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-@pytest.fixture
-def audited_agent(tmp_path: Path, require_root: None) -> Iterator[AgentProcess]:
-    a = start_agent(tmp_path, "--sessions-per-minute", "0", "--audit-log",
-                    str(tmp_path / "audit"))
-    yield a
-    stop_agent(a)
 
 
 class Filler:

@@ -13,7 +13,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -23,18 +22,11 @@ from corepeek.dump import write_full_core
 from corepeek.errors import CaptureError
 from corepeek.remote import RemoteCore, open_capture
 from corepeek.v1 import capture_pb2 as pb
-from harness.agents import AgentProcess, start_agent, stop_agent
 from harness.checks import assert_thawed_and_undisturbed, wait_thawed
 from harness.targets import Target
 from security_util import audit_lines, wait_audit
 
 
-@pytest.fixture
-def audited_agent(tmp_path: Path, require_root: None) -> Iterator[AgentProcess]:
-    a = start_agent(tmp_path, "--sessions-per-minute", "0", "--audit-log",
-                    str(tmp_path / "audit"))
-    yield a
-    stop_agent(a)
 
 
 def frozen(t: Target) -> bool:
