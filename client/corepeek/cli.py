@@ -24,8 +24,10 @@ EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 
 def _agent(args: argparse.Namespace) -> int:
     # The one place the client package reaches into the agent: this command runs it.
+    from corepeek_agent.policy import parse_size
     from corepeek_agent.server import serve
     from corepeek_agent.service import AgentConfig
+    from corepeek_agent.store.limits import StoreLimits
     from corepeek_agent.tls import TLSFiles
 
     config = AgentConfig(max_sessions=args.max_sessions,
@@ -43,7 +45,11 @@ def _agent(args: argparse.Namespace) -> int:
           policy_path=args.policy, audit_log=args.audit_log,
           sessions_per_minute=args.sessions_per_minute,
           metrics_address=args.metrics_address, health_address=args.health_address,
-          log_format=args.log_format)
+          log_format=args.log_format, store_path=args.store,
+          store_limits=StoreLimits(parse_size(args.store_max_use, "--store-max-use"),
+                                   parse_size(args.store_keep_free, "--store-keep-free"),
+                                   args.store_max_per_program),
+          triggers_path=args.triggers, trigger_interval=args.trigger_interval)
     return EXIT_OK
 
 
@@ -86,10 +92,13 @@ def _dump(args: argparse.Namespace) -> int:
     from .dump import write_full_core
     from .remote import open_capture
 
-    out = Path(args.output or f"core.{args.pid}")
+    if (args.pid is None) == (args.capture is None):
+        raise CaptureError("give a pid or --capture ID (a stored capture), not both")
+    out = Path(args.output or (f"core.{args.pid}" if args.capture is None
+                               else f"core.{args.capture}"))
     t0 = time.monotonic()
-    with open_capture(args.agent, args.pid, tls=_tls(args), start_time=args.start_time,
-                      mode=args.only,
+    with open_capture(args.agent, args.pid or 0, tls=_tls(args), start_time=args.start_time,
+                      mode=args.only, capture_id=args.capture or "",
                       freeze_timeout_ms=args.freeze_timeout_ms,
                       stack_bytes=args.stack_bytes, snapshot=args.snapshot,
                       compression=args.wire_compression, wait_exclusive=args.wait) as core:
@@ -199,6 +208,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="plaintext gRPC health service only, for kubelet grpc probes")
     a.add_argument("--log-format", choices=("text", "json"), default="text",
                    help="agent log lines as text (default) or one JSON object per line")
+    a.add_argument("--store", metavar="DIR",
+                   help="keep triggered captures in DIR (created 0700; enables triggers)")
+    a.add_argument("--store-max-use", default="unlimited",
+                   help="most bytes the store may use, e.g. 10GiB (default unlimited)")
+    a.add_argument("--store-keep-free", default="1GiB",
+                   help="free space the store leaves on its file system (default 1GiB)")
+    a.add_argument("--store-max-per-program", type=int, default=None,
+                   help="stored captures kept per executable (oldest go first)")
+    a.add_argument("--triggers", metavar="FILE",
+                   help="triggers file (YAML, see docs/fleet.md); needs --store")
+    a.add_argument("--trigger-interval", type=float, default=None,
+                   help="seconds between two samples of /proc (default: the file's, 1)")
     a.set_defaults(func=_agent)
 
     def agent_arg(sp: argparse.ArgumentParser) -> None:
@@ -226,6 +247,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("dump", help="capture a core into a file")
     capture_args(d)
+    d.add_argument("--capture", metavar="ID",
+                   help="a capture kept in the agent's store (corepeek captures) instead of a pid")
+    for action in d._actions:
+        if action.dest == "pid":
+            action.nargs = "?"         # with --capture, no pid
     d.add_argument("-o", "--output", help="core file to write (default core.PID)")
     d.add_argument("--only", choices=("full", "stacks", "notes"), default="full",
                    help="notes: threads, registers, mappings; stacks: notes + thread stacks")
@@ -248,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     n.set_defaults(func=_notes)
 
     _add_collect_parser(sub)
+    from .stored import add_store_parsers
+    add_store_parsers(sub, agent_arg)
     return p
 
 

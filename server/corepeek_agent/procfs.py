@@ -142,6 +142,14 @@ def exe(pid: int) -> str:
         return ""
 
 
+def fd_count(pid: int) -> int:
+    """Open file descriptors of ``pid`` (entries of /proc/PID/fd)."""
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except (FileNotFoundError, ProcessLookupError) as exc:
+        raise ProcessGone(pid) from exc
+
+
 def exe_elf_class(pid: int) -> int:
     """32 or 64 from the executable's own ELF header (0 if unreadable)."""
     try:

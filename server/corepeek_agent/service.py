@@ -10,6 +10,7 @@ import socket
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import grpc
 from corepeek.v1 import capture_pb2 as pb
@@ -25,6 +26,11 @@ from .policy import local_default_policy
 from .registry import SessionRegistry
 from .session import (DEFAULT_CHUNK, MAX_CHUNK, MODE_FULL, MODE_NOTES, MODE_STACKS,
                       CaptureSession, Chunk, SessionOptions)
+from .storerpc import StoreRpcs
+
+if TYPE_CHECKING:
+    from .store.store import Store
+    from .triggers.engine import TriggerEngine
 
 log = logging.getLogger(__name__)
 
@@ -263,8 +269,13 @@ def add_capture_service(servicer: CoreCaptureServicer, server: grpc.Server) -> N
     handlers["Capture"] = handlers["Capture"]._replace(  # type: ignore[attr-defined]
         response_serializer=_serialize_response,
         request_deserializer=_tolerant_parser(pb.CaptureRequest))
-    handlers["ListProcesses"] = handlers["ListProcesses"]._replace(  # type: ignore[attr-defined]
-        request_deserializer=_tolerant_parser(pb.ListProcessesRequest))
+    for method, cls in (("ListProcesses", pb.ListProcessesRequest),
+                        ("AddTrigger", pb.AddTriggerRequest),
+                        ("ListTriggers", pb.ListTriggersRequest),
+                        ("RemoveTrigger", pb.RemoveTriggerRequest),
+                        ("ListCaptures", pb.ListCapturesRequest)):
+        handlers[method] = handlers[method]._replace(  # type: ignore[attr-defined]
+            request_deserializer=_tolerant_parser(cls))
     name = pb.DESCRIPTOR.services_by_name["CoreCaptureService"].full_name
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
     server.add_registered_method_handlers(name, handlers)
@@ -314,14 +325,16 @@ def _audit_overdue(guard: CaptureGuard, watch: StreamWatch) -> None:
                           grpc.StatusCode.DEADLINE_EXCEEDED.name, watch.reason)
 
 
-class CoreCaptureServicer(pb_grpc.CoreCaptureServiceServicer):
+class CoreCaptureServicer(StoreRpcs, pb_grpc.CoreCaptureServiceServicer):
     # Capture yields pre-encoded chunk bytes: only with the serializer that
     # add_capture_service() registers (the generated one wants messages).
     raw_responses = False
 
     def __init__(self, config: AgentConfig, registry: SessionRegistry,
-                 guard: Guard | None = None) -> None:
+                 guard: Guard | None = None, store: Store | None = None,
+                 engine: TriggerEngine | None = None) -> None:
         self.config = config
+        self.store, self.engine = store, engine       # storerpc.py: None when not configured
         self.registry = registry
         # Policy, rate limits and audit log (authz.py); without one, local peers
         # may capture every dumpable process and TLS peers nothing.
@@ -370,10 +383,14 @@ class CoreCaptureServicer(pb_grpc.CoreCaptureServiceServicer):
                 raise first.refuse()
             if first.WhichOneof("request") != "open":
                 raise InvalidRequest("the first message of a capture must be `open`")
-            if first.open.pid <= 0:
-                raise InvalidRequest(f"invalid pid {first.open.pid}")
             options = session_options(first.open.options, self.config)
             compressor = chunk_compressor(first.open.options)
+            if first.open.capture_id:
+                yield from self.serve_stored(first.open.capture_id, options, request_iterator,
+                                             guard, watch, compressor)
+                return
+            if first.open.pid <= 0:
+                raise InvalidRequest(f"invalid pid {first.open.pid}")
             wait = wait_exclusive(first.open.options)
             guard.admit(first.open.pid, first.open.start_time, options.mode)
             session = CaptureSession(
