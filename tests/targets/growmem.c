@@ -33,7 +33,7 @@ static int target_command(const char *cmd, char *reply, size_t n)
         for (size_t i = 0; i < len / 8; i++)
             p[i] = 0xC0DE000000000000ULL | i;
         grown_mib += mib;
-        snprintf(reply, n, "grown grown_mib=%zu", grown_mib);
+        snprintf(reply, n, "grown grown_mib=%zu addr=0x%lx", grown_mib, (unsigned long)p);
         return 1;
     }
     if (!strcmp(cmd, "spin")) {
@@ -62,7 +62,7 @@ static void target_cleanup(void) {}
 
 int main(void)
 {
-    cp_heartbeat_us = 1000;
+    cp_heartbeat_us = 10000;       /* idle: well under 1% of a CPU */
     cp_init();
     cp_ready("pid=%d", (int)getpid());
     cp_control_loop();

@@ -2,8 +2,8 @@
 
 Called once per sampling interval with what the sampler read.  Conditions on
 RSS, threads and fds are levels, checked on each sample; CPU is a rate, so a
-process must stay above the percentage over every interval of a window of
-``cpu_for`` seconds (ProcDump's "-c N -s T"); ``every`` fires on a period.
+process must stay above the percentage over every interval for ``cpu_for``
+seconds after the first sample that saw it above (ProcDump's "-c N -s T"); ``every`` fires on a period.
 A trigger fires at most once per sweep, never more than ``count`` times in
 all, and not again before ``cooldown`` seconds have passed (per trigger, so
 one trigger can never capture a host's processes in a burst).
@@ -111,7 +111,10 @@ class Evaluator:
         pct = (s.cpu_ticks - prev.ticks) / self.clock_ticks / (s.time - prev.time) * 100
         if pct < t.spec.cpu_above:
             return ""                    # below in this interval: the window starts over
-        cur.above_since = prev.above_since if prev.above_since is not None else prev.time
+        # The window counts from the first sample that saw the rate above, never
+        # from before it: a process fires no sooner than ``cpu_for`` after it began
+        # to burn (and at most about two intervals later).
+        cur.above_since = prev.above_since if prev.above_since is not None else s.time
         held = s.time - cur.above_since
         if held + 1e-9 < t.spec.cpu_for:
             return ""
