@@ -145,3 +145,29 @@ def test_the_triggers_permission_fails_closed() -> None:
     assert p.may_set_triggers(["local"]) and not p.may_set_triggers(["uri:spiffe://other"])
     with pytest.raises(Exception, match="triggers: expected true or false"):
         policy_from_dict({"rules": [{**base, "triggers": "yes"}]})
+
+
+def test_the_sampler_reads_exe_and_fds_of_processes_a_selector_needs() -> None:
+    """Real /proc: a child selected by comm and exe glob, its fd count read."""
+    import subprocess
+    import time as _time
+
+    from corepeek_agent import procfs
+    from corepeek_agent.triggers import sampler
+
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        _time.sleep(0.2)
+        t = trig(fds_above=10_000, selector=Selector(comm=("sleep",), exe=("*/sleep",)))
+        (s,) = [s for s in sampler.sample([t]) if s.pid == child.pid]
+        assert s.exe.endswith("/sleep") and s.fds == procfs.fd_count(child.pid) >= 3
+        st = procfs.stat(child.pid)
+        u = procfs.usage(child.pid)
+        assert (u.comm, u.num_threads, u.start_time, u.cpu_ticks) == (
+            st.comm, st.num_threads, st.start_time, st.utime + st.stime)
+        other = trig(rss_above=1, selector=Selector(comm=("sleep",), exe=("/nowhere/*",)))
+        assert child.pid not in {f.sample.pid for f in Evaluator().sweep(
+            [other], sampler.sample([other]), 0.0)}
+    finally:
+        child.kill()
+        child.wait()

@@ -1,6 +1,6 @@
 """Reads what the triggers watch from /proc, through ``procfs``.
 
-One sweep reads /proc/PID/stat of every process (comm, RSS, CPU ticks,
+One sweep reads /proc/PID/stat of every process (``procfs.usage``) (comm, RSS, CPU ticks,
 threads) and only then, for processes some selector's pid and comm let
 through, what a trigger needs beyond that: the exe link, the cgroup, the fd
 count.  A process that vanishes mid-sweep is skipped.
@@ -16,7 +16,7 @@ from .. import procfs
 from ..authz import container_id
 from ..errors import ProcessGone
 from .evaluate import Sample
-from .spec import Trigger
+from .spec import Selector, Trigger
 
 
 def _prefilter(triggers: list[Trigger], pid: int, comm: str) -> list[Trigger]:
@@ -25,8 +25,8 @@ def _prefilter(triggers: list[Trigger], pid: int, comm: str) -> list[Trigger]:
         sel = t.spec.selector
         if sel.pid and sel.pid != pid:
             continue
-        if sel.comm and not sel.matches(pid, comm):
-            continue                    # comm alone decides; other selectors need reads
+        if sel.comm and not Selector(comm=sel.comm).matches(pid, comm):
+            continue                    # comm rules it out; other selectors need more reads
         out.append(t)
     return out
 
@@ -44,7 +44,7 @@ def sample(triggers: Iterable[Trigger], *, own_pid: int | None = None) -> list[S
         if pid == me:
             continue
         try:
-            st = procfs.stat(pid)
+            st = procfs.usage(pid)
             now = time.monotonic()
             wanted = _prefilter(watch, pid, st.comm)
             if not wanted or st.state == "Z":
@@ -57,6 +57,6 @@ def sample(triggers: Iterable[Trigger], *, own_pid: int | None = None) -> list[S
             continue
         out.append(Sample(pid=pid, start_time=st.start_time, comm=st.comm, time=now,
                           rss_bytes=st.rss_pages * procfs.PAGE_SIZE,
-                          cpu_ticks=st.utime + st.stime, threads=st.num_threads, fds=fds,
+                          cpu_ticks=st.cpu_ticks, threads=st.num_threads, fds=fds,
                           exe=exe, cgroup=cg, container=container_id(cg)))
     return out
