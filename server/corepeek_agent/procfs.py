@@ -185,6 +185,21 @@ def fd_count(pid: int) -> int:
         raise ProcessGone(pid) from exc
 
 
+def map_file_head(pid: int, start: int, end: int, length: int = 4096) -> bytes:
+    """The first bytes of the file mapped at [start, end) (``/proc/PID/map_files``:
+    the mapped inode itself, even if the path was replaced); b"" if unreadable."""
+    try:
+        fd = os.open(f"/proc/{pid}/map_files/{start:x}-{end:x}", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return b""
+    try:
+        return os.pread(fd, length, 0)
+    except OSError:
+        return b""
+    finally:
+        os.close(fd)
+
+
 def exe_elf_class(pid: int) -> int:
     """32 or 64 from the executable's own ELF header (0 if unreadable)."""
     try:

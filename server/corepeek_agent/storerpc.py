@@ -155,6 +155,7 @@ class StoreRpcs:
                     id=e.id, pid=m.get("pid", 0), start_time=m.get("start_time", 0),
                     comm=m.get("comm", ""), exe=m.get("exe", ""),
                     trigger_id=m.get("trigger_id", ""), owner=",".join(m.get("owner", [])),
+                    build_ids=[b["build_id"] for b in m.get("build_ids", [])],
                     time=e.time, core_size=e.core_size, stored_bytes=e.stored_bytes,
                     mode=_MODE_ENUM[m.get("mode", MODE_FULL)], corrupt=bool(e.corrupt),
                     cgroup=m.get("facts", {}).get("cgroup", "")))

@@ -131,6 +131,9 @@ def test_rss_trigger_captures_once_into_the_store(store_agent: AgentProcess, bui
         assert (entry.pid, entry.trigger_id, entry.owner, entry.corrupt) == (
             target.pid, info.id, "local", False)
         assert entry.stored_bytes < entry.core_size
+        exe_id = subprocess.run(["readelf", "-n", str(exe)], capture_output=True,
+                                text=True).stdout.split("Build ID:")[1].split()[0]
+        assert exe_id in entry.build_ids
 
         # Audited under the owner's identity, naming the trigger and the entry.
         fired_lines = [a for a in audit_lines(store_agent)

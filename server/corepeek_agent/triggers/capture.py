@@ -15,12 +15,14 @@ from dataclasses import dataclass
 
 import grpc
 
+from .. import procfs
 from ..audit import SessionRecord
 from ..authz import CaptureGuard, Guard, Identity
 from ..errors import CorepeekError
 from ..registry import SessionRegistry
 from ..service import AgentConfig, layout_message
 from ..session import MODE_NOTES, CaptureSession, SessionOptions
+from ..store.buildid import build_id
 from ..store.store import Store
 from .evaluate import Firing
 
@@ -53,6 +55,17 @@ def _copy_readable(session: CaptureSession, writer: object, guard: CaptureGuard)
         writer.zeros(total - pos)                               # type: ignore[attr-defined]
 
 
+def build_ids(pid: int, layout: object) -> list[dict[str, str]]:
+    """Build-ids of the ELF objects the target maps (first mapping of each file)."""
+    out: dict[str, str] = {}
+    for seg in layout.segments:                                 # type: ignore[attr-defined]
+        if seg.name.startswith("/") and seg.file_page_offset == 0 and seg.name not in out:
+            bid = build_id(procfs.map_file_head(pid, seg.vaddr, seg.vaddr + seg.mem_size))
+            if bid:
+                out[seg.name] = bid
+    return [{"path": p, "build_id": b} for p, b in out.items()]
+
+
 def fire(firing: Firing, ctx: CaptureContext) -> str:
     """Capture the firing's process into the store; returns the entry id (raises
     CorepeekError when the policy or the target refuses)."""
@@ -76,6 +89,7 @@ def fire(firing: Firing, ctx: CaptureContext) -> str:
             ctx.registry.remove(session)
             registered = False
         layout = layout_message(session)
+        ids = build_ids(s.pid, layout)
         with ctx.store.writing() as pending:
             _copy_readable(session, pending.writer, cg)
             written = pending.writer.finish()
@@ -84,7 +98,7 @@ def fire(firing: Firing, ctx: CaptureContext) -> str:
                 "comm": session.comm, "exe": session.exe, "mode": t.spec.mode,
                 "readable": [list(r) for r in session.readable],
                 "trigger_id": t.id, "trigger_name": t.spec.name, "reason": firing.reason,
-                "owner": list(t.owner),
+                "owner": list(t.owner), "build_ids": ids,
                 "facts": {"uids": list(facts.uids), "cgroup": facts.cgroup,
                           "container": facts.container_id, "dumpable": facts.dumpable}
                 if facts else {},
