@@ -98,7 +98,7 @@ def _dump(args: argparse.Namespace) -> int:
                                else f"core.{args.capture}"))
     t0 = time.monotonic()
     with open_capture(args.agent, args.pid or 0, tls=_tls(args), start_time=args.start_time,
-                      mode=args.only, capture_id=args.capture or "",
+                      mode=args.only, capture_id=args.capture or "", keep=args.keep,
                       freeze_timeout_ms=args.freeze_timeout_ms,
                       stack_bytes=args.stack_bytes, snapshot=args.snapshot,
                       compression=args.wire_compression, wait_exclusive=args.wait) as core:
@@ -110,6 +110,8 @@ def _dump(args: argparse.Namespace) -> int:
                   f"snapshot: {lay.snapshot_status}" if args.only == "notes" else
                   f"warning: {lay.snapshot_status or 'snapshot not taken'}", file=sys.stderr)
         unfrozen = [t.tid for t in lay.threads if not t.frozen]
+        if lay.stored_capture_id and not args.quiet:
+            print(f"kept in the agent's store as {lay.stored_capture_id}", file=sys.stderr)
         bar = _progress_bar(lay.total_size if args.only == "full" else 0,
                             sys.stderr.isatty() and not args.quiet)
         try:
@@ -249,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     capture_args(d)
     d.add_argument("--capture", metavar="ID",
                    help="a capture kept in the agent's store (corepeek captures) instead of a pid")
+    d.add_argument("--keep", action="store_true",
+                   help="also keep the capture in the agent's store (corepeek captures)")
     for action in d._actions:
         if action.dest == "pid":
             action.nargs = "?"         # with --capture, no pid

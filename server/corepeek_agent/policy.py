@@ -27,6 +27,7 @@ File format (YAML, or TOML when the name ends in ``.toml``)::
         allow_nondumpable: false   # true only with an exe selector (comm is the process's choice)
         triggers: false            # may add triggers (AddTrigger); their firings are checked
                                    # against these rules like interactive captures
+        keep: false                # may ask the agent to keep a capture in its store
 
 Client identities are typed strings: ``uri:<SAN URI>`` (a SPIFFE id is a URI
 SAN; ``spiffe://...`` alone is shorthand for ``uri:spiffe://...``),
@@ -159,6 +160,7 @@ class Rule:
     stack_bytes: int = DEFAULT_STACK_BYTES      # stacks mode, per thread
     environment: bool = False                   # stacks mode: argv/env strings served
     triggers: bool = False                      # may add triggers over RPC (fail closed)
+    keep: bool = False                          # may ask for CaptureOptions.keep
     local_identity: str = DEFAULT_LOCAL_IDENTITY
 
     def names_client(self, identities: Iterable[str]) -> bool:
@@ -247,7 +249,7 @@ def deny_all_policy() -> Policy:
 _TOP_KEYS = {"version", "local_identity", "limits", "rules"}
 _LIMIT_KEYS = {"sessions_per_minute", "budget"}
 _RULE_KEYS = {"name", "clients", "targets", "modes", "budget", "allow_nondumpable",
-              "stack_bytes", "environment", "triggers"}
+              "stack_bytes", "environment", "triggers", "keep"}
 _TARGET_KEYS = {"uid", "exe", "comm", "cgroup", "container"}
 
 
@@ -325,7 +327,7 @@ def _rule(obj: object, index: int, local_identity: str) -> Rule:
     return Rule(name=name, clients=clients, targets=targets, modes=modes_admitted(modes_raw),
                 budget=parse_size(r.get("budget"), f"{where}.budget"), allow_nondumpable=allow_nd,
                 stack_bytes=stack_bytes, environment=_bool(r, "environment", where),
-                triggers=_bool(r, "triggers", where),
+                triggers=_bool(r, "triggers", where), keep=_bool(r, "keep", where),
                 local_identity=local_identity)
 
 

@@ -411,6 +411,8 @@ class CoreCaptureServicer(StoreRpcs, pb_grpc.CoreCaptureServiceServicer):
                          session.freeze.freeze_seconds * 1000 if session.freeze else 0,
                          session.layout.total_size if session.layout else 0)
             layout = layout_message(session)
+            if first.open.options.keep:
+                layout.stored_capture_id = self.keep_capture(session, layout, guard)
             if compressor is not None:
                 layout.compression = pb.COMPRESSION_ZSTD
             if options.mode == MODE_STACKS:

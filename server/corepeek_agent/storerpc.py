@@ -21,7 +21,8 @@ from .errors import CorepeekError, InvalidRequest, PermissionDenied
 from .lifetime import StreamWatch
 from .policy import MODE_FULL, MODE_NOTES, MODE_STACKS
 from .ratelimit import ByteBudget
-from .session import SessionOptions
+from .keep import keep_session
+from .session import CaptureSession, SessionOptions
 from .stored_session import StoredSession, stored_facts
 from .store.store import Store
 from .triggers.spec import Selector, Trigger, TriggerSpec
@@ -162,6 +163,18 @@ class StoreRpcs:
             rec.listed = len(out)
             return pb.ListCapturesResponse(captures=out, hostname=socket.gethostname())
         return self._unary(request, context, "captures", body)
+
+    def keep_capture(self, session: CaptureSession, layout: pb.CoreLayout,
+                     guard: CaptureGuard) -> str:
+        """CaptureOptions.keep: the open session into the store; the entry id."""
+        store = self._store()
+        rule = next((r for r in guard.policy.rules if r.name == guard.record.rule), None)
+        if rule is None or not rule.keep:
+            raise PermissionDenied(f"{guard.identity.key} may not ask the agent to keep "
+                                   "captures", help="the admitting policy rule needs `keep: true`")
+        entry = keep_session(session, layout, guard, store, {"kept": True}, charge=False)
+        guard.record.target["kept"] = entry.id
+        return entry.id
 
     def serve_stored(self, entry_id: str, options: SessionOptions,
                      request_iterator: Iterator[pb.CaptureRequest], guard: CaptureGuard,

@@ -43,10 +43,11 @@ SWEEP_SLACK = 0.25
 
 
 def policy_file(tmp: Path, *, triggers: bool = True, modes: str = "full",
-                clients: str = "local") -> Path:
+                clients: str = "local", keep: bool = False) -> Path:
     p = tmp / f"policy-{time.monotonic_ns()}.yaml"
     p.write_text(f"version: 1\nrules:\n  - name: local-rule\n    clients: [{clients}]\n"
-                 f"    modes: [{modes}]\n    triggers: {'true' if triggers else 'false'}\n")
+                 f"    modes: [{modes}]\n    triggers: {'true' if triggers else 'false'}\n"
+                 f"    keep: {'true' if keep else 'false'}\n")
     return p
 
 
@@ -321,5 +322,42 @@ def test_a_notes_only_identity_reads_only_the_notes_of_a_stored_core(
             assert core.read_bytes(lay.notes.offset, lay.notes.length)
             with pytest.raises(CaptureError, match="PERMISSION_DENIED"):
                 core.read_bytes(lay.segments[0].file_offset, 4096)
+    finally:
+        stop_agent(agent)
+
+
+def test_a_capture_the_client_asks_to_keep_is_stored_byte_identical(
+        tmp_path: Path, require_root: None, build) -> None:
+    exe = build("growmem")
+    agent = agent_with_store(tmp_path, tmp_path / "store", policy=policy_file(tmp_path,
+                                                                              keep=True))
+    try:
+        with Target(exe) as target:
+            target.command("grow 16")
+            live = tmp_path / "live.core"
+            r = cli("dump", "--agent", agent.address, str(target.pid), "--snapshot", "--keep",
+                    "-o", str(live))
+            assert r.returncode == 0, r.stderr
+            assert_thawed_and_undisturbed(target)
+        entry_id = r.stderr.split("kept in the agent's store as ")[1].split()[0]
+        (entry,) = captures(agent)
+        assert entry.id == entry_id and entry.owner == "local" and not entry.trigger_id
+        stored = tmp_path / "stored.core"
+        r = cli("dump", "--agent", agent.address, "--capture", entry_id, "-o", str(stored))
+        assert r.returncode == 0, r.stderr
+        assert hashlib.sha256(stored.read_bytes()).digest() == hashlib.sha256(
+            live.read_bytes()).digest()                # the very capture that was kept
+        assert "main" in gdb_backtraces_text(stored, exe)
+    finally:
+        stop_agent(agent)
+    # Without `keep: true` in the rule: refused, nothing stored, target thawed.
+    agent = agent_with_store(tmp_path, tmp_path / "store2")
+    try:
+        with Target(exe) as target:
+            r = cli("dump", "--agent", agent.address, str(target.pid), "--keep",
+                    "-o", str(tmp_path / "refused.core"))
+            assert r.returncode == 1 and "PERMISSION_DENIED" in r.stderr and "keep" in r.stderr
+            assert_thawed_and_undisturbed(target)
+        assert captures(agent) == []
     finally:
         stop_agent(agent)

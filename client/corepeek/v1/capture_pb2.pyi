@@ -72,7 +72,7 @@ class ListProcessesResponse(_message.Message):
     def __init__(self, processes: _Optional[_Iterable[_Union[ProcessInfo, _Mapping]]] = ..., hostname: _Optional[str] = ...) -> None: ...
 
 class CaptureOptions(_message.Message):
-    __slots__ = ("freeze_timeout_ms", "mode", "max_chunk_bytes", "stack_bytes_per_thread", "snapshot", "packed_chunks", "compression", "wait_exclusive_seconds")
+    __slots__ = ("freeze_timeout_ms", "mode", "max_chunk_bytes", "stack_bytes_per_thread", "snapshot", "packed_chunks", "compression", "wait_exclusive_seconds", "keep")
     FREEZE_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -81,6 +81,7 @@ class CaptureOptions(_message.Message):
     PACKED_CHUNKS_FIELD_NUMBER: _ClassVar[int]
     COMPRESSION_FIELD_NUMBER: _ClassVar[int]
     WAIT_EXCLUSIVE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    KEEP_FIELD_NUMBER: _ClassVar[int]
     freeze_timeout_ms: int
     mode: CaptureMode
     max_chunk_bytes: int
@@ -89,7 +90,8 @@ class CaptureOptions(_message.Message):
     packed_chunks: bool
     compression: Compression
     wait_exclusive_seconds: float
-    def __init__(self, freeze_timeout_ms: _Optional[int] = ..., mode: _Optional[_Union[CaptureMode, str]] = ..., max_chunk_bytes: _Optional[int] = ..., stack_bytes_per_thread: _Optional[int] = ..., snapshot: _Optional[bool] = ..., packed_chunks: _Optional[bool] = ..., compression: _Optional[_Union[Compression, str]] = ..., wait_exclusive_seconds: _Optional[float] = ...) -> None: ...
+    keep: bool
+    def __init__(self, freeze_timeout_ms: _Optional[int] = ..., mode: _Optional[_Union[CaptureMode, str]] = ..., max_chunk_bytes: _Optional[int] = ..., stack_bytes_per_thread: _Optional[int] = ..., snapshot: _Optional[bool] = ..., packed_chunks: _Optional[bool] = ..., compression: _Optional[_Union[Compression, str]] = ..., wait_exclusive_seconds: _Optional[float] = ..., keep: _Optional[bool] = ...) -> None: ...
 
 class OpenCapture(_message.Message):
     __slots__ = ("pid", "start_time", "options", "capture_id")
@@ -170,7 +172,7 @@ class ThreadInfo(_message.Message):
     def __init__(self, tid: _Optional[int] = ..., frozen: _Optional[bool] = ..., pc: _Optional[int] = ..., sp: _Optional[int] = ..., comm: _Optional[str] = ..., state: _Optional[str] = ...) -> None: ...
 
 class CoreLayout(_message.Message):
-    __slots__ = ("session_id", "total_size", "headers", "notes", "segments", "threads", "elf_class", "arch", "pid", "start_time", "comm", "exe", "section_headers", "freeze_micros", "max_chunk_bytes", "mode", "readable", "snapshot", "snapshot_status", "compression", "stopped_micros", "target_running", "joined", "freeze_id", "stack_bytes_per_thread", "environment_hidden")
+    __slots__ = ("session_id", "total_size", "headers", "notes", "segments", "threads", "elf_class", "arch", "pid", "start_time", "comm", "exe", "section_headers", "freeze_micros", "max_chunk_bytes", "mode", "readable", "snapshot", "snapshot_status", "compression", "stopped_micros", "target_running", "joined", "freeze_id", "stack_bytes_per_thread", "environment_hidden", "stored_capture_id")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TOTAL_SIZE_FIELD_NUMBER: _ClassVar[int]
     HEADERS_FIELD_NUMBER: _ClassVar[int]
@@ -197,6 +199,7 @@ class CoreLayout(_message.Message):
     FREEZE_ID_FIELD_NUMBER: _ClassVar[int]
     STACK_BYTES_PER_THREAD_FIELD_NUMBER: _ClassVar[int]
     ENVIRONMENT_HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    STORED_CAPTURE_ID_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     total_size: int
     headers: ByteRange
@@ -223,7 +226,8 @@ class CoreLayout(_message.Message):
     freeze_id: str
     stack_bytes_per_thread: int
     environment_hidden: bool
-    def __init__(self, session_id: _Optional[str] = ..., total_size: _Optional[int] = ..., headers: _Optional[_Union[ByteRange, _Mapping]] = ..., notes: _Optional[_Union[ByteRange, _Mapping]] = ..., segments: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ..., threads: _Optional[_Iterable[_Union[ThreadInfo, _Mapping]]] = ..., elf_class: _Optional[int] = ..., arch: _Optional[str] = ..., pid: _Optional[int] = ..., start_time: _Optional[int] = ..., comm: _Optional[str] = ..., exe: _Optional[str] = ..., section_headers: _Optional[_Union[ByteRange, _Mapping]] = ..., freeze_micros: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., mode: _Optional[_Union[CaptureMode, str]] = ..., readable: _Optional[_Iterable[_Union[ByteRange, _Mapping]]] = ..., snapshot: _Optional[bool] = ..., snapshot_status: _Optional[str] = ..., compression: _Optional[_Union[Compression, str]] = ..., stopped_micros: _Optional[int] = ..., target_running: _Optional[bool] = ..., joined: _Optional[bool] = ..., freeze_id: _Optional[str] = ..., stack_bytes_per_thread: _Optional[int] = ..., environment_hidden: _Optional[bool] = ...) -> None: ...
+    stored_capture_id: str
+    def __init__(self, session_id: _Optional[str] = ..., total_size: _Optional[int] = ..., headers: _Optional[_Union[ByteRange, _Mapping]] = ..., notes: _Optional[_Union[ByteRange, _Mapping]] = ..., segments: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ..., threads: _Optional[_Iterable[_Union[ThreadInfo, _Mapping]]] = ..., elf_class: _Optional[int] = ..., arch: _Optional[str] = ..., pid: _Optional[int] = ..., start_time: _Optional[int] = ..., comm: _Optional[str] = ..., exe: _Optional[str] = ..., section_headers: _Optional[_Union[ByteRange, _Mapping]] = ..., freeze_micros: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., mode: _Optional[_Union[CaptureMode, str]] = ..., readable: _Optional[_Iterable[_Union[ByteRange, _Mapping]]] = ..., snapshot: _Optional[bool] = ..., snapshot_status: _Optional[str] = ..., compression: _Optional[_Union[Compression, str]] = ..., stopped_micros: _Optional[int] = ..., target_running: _Optional[bool] = ..., joined: _Optional[bool] = ..., freeze_id: _Optional[str] = ..., stack_bytes_per_thread: _Optional[int] = ..., environment_hidden: _Optional[bool] = ..., stored_capture_id: _Optional[str] = ...) -> None: ...
 
 class CoreChunk(_message.Message):
     __slots__ = ("offset", "data", "hole_length", "request_id", "last", "extents", "raw_length")

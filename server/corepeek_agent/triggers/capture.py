@@ -15,14 +15,13 @@ from dataclasses import dataclass
 
 import grpc
 
-from .. import procfs
 from ..audit import SessionRecord
 from ..authz import CaptureGuard, Guard, Identity
 from ..errors import CorepeekError
+from ..keep import keep_session
 from ..registry import SessionRegistry
 from ..service import AgentConfig, layout_message
 from ..session import MODE_NOTES, CaptureSession, SessionOptions
-from ..store.buildid import build_id
 from ..store.store import Store
 from .evaluate import Firing
 
@@ -35,35 +34,6 @@ class CaptureContext:
     registry: SessionRegistry
     store: Store
     config: AgentConfig
-
-
-def _copy_readable(session: CaptureSession, writer: object, guard: CaptureGuard) -> None:
-    """The core into ``writer``: the session's readable ranges, zeros elsewhere."""
-    assert session.layout is not None
-    pos, total = 0, session.layout.total_size
-    for off, length in sorted(session.readable):
-        if off > pos:
-            writer.zeros(off - pos)                             # type: ignore[attr-defined]
-        for chunk in session.read(off, length):
-            guard.serve(chunk.offset, chunk.length, hole=chunk.data is None)
-            if chunk.data is None:
-                writer.zeros(chunk.hole)                        # type: ignore[attr-defined]
-            else:
-                writer.data(chunk.data)                         # type: ignore[attr-defined]
-        pos = off + length
-    if total > pos:
-        writer.zeros(total - pos)                               # type: ignore[attr-defined]
-
-
-def build_ids(pid: int, layout: object) -> list[dict[str, str]]:
-    """Build-ids of the ELF objects the target maps (first mapping of each file)."""
-    out: dict[str, str] = {}
-    for seg in layout.segments:                                 # type: ignore[attr-defined]
-        if seg.name.startswith("/") and seg.file_page_offset == 0 and seg.name not in out:
-            bid = build_id(procfs.map_file_head(pid, seg.vaddr, seg.vaddr + seg.mem_size))
-            if bid:
-                out[seg.name] = bid
-    return [{"path": p, "build_id": b} for p, b in out.items()]
 
 
 def fire(firing: Firing, ctx: CaptureContext) -> str:
@@ -89,23 +59,9 @@ def fire(firing: Firing, ctx: CaptureContext) -> str:
             ctx.registry.remove(session)
             registered = False
         layout = layout_message(session)
-        ids = build_ids(s.pid, layout)
-        with ctx.store.writing() as pending:
-            _copy_readable(session, pending.writer, cg)
-            written = pending.writer.finish()
-        facts = cg.facts
-        meta = {"pid": s.pid, "start_time": session.start_time or s.start_time,
-                "comm": session.comm, "exe": session.exe, "mode": t.spec.mode,
-                "readable": [list(r) for r in session.readable],
-                "trigger_id": t.id, "trigger_name": t.spec.name, "reason": firing.reason,
-                "owner": list(t.owner), "build_ids": ids,
-                "facts": {"uids": list(facts.uids), "cgroup": facts.cgroup,
-                          "container": facts.container_id, "dumpable": facts.dumpable}
-                if facts else {},
-                "stack_bytes": session.options.stack_bytes if t.spec.mode != "full" else 0,
-                "environment_hidden": session.hide_environment}
-        entry = ctx.store.commit(pending, written, layout.SerializeToString(), meta,
-                                 program=session.exe or session.comm)
+        entry = keep_session(session, layout, cg, ctx.store, {
+            "trigger_id": t.id, "trigger_name": t.spec.name, "reason": firing.reason,
+            "owner": list(t.owner)})
         cg.record.trigger["entry"] = entry.id
         return entry.id
     except CorepeekError as exc:
