@@ -38,7 +38,8 @@ def _agent(args: argparse.Namespace) -> int:
                          max_streams_per_client=args.max_streams_per_client,
                          first_request_seconds=args.first_request_timeout,
                          idle_timeout_seconds=args.idle_timeout,
-                         max_lifetime_seconds=args.max_session_lifetime)
+                         max_lifetime_seconds=args.max_session_lifetime,
+                         s3_endpoint_url=args.s3_endpoint_url or "")
     serve(args.listen, insecure=args.insecure, config=config,
           socket_mode=int(args.socket_mode, 8), socket_group=args.socket_group,
           tls=TLSFiles.from_args(args.tls_cert, args.tls_key, args.tls_ca),
@@ -220,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stored captures kept per executable (oldest go first)")
     a.add_argument("--triggers", metavar="FILE",
                    help="triggers file (YAML, see docs/fleet.md); needs --store")
+    a.add_argument("--s3-endpoint-url", help="S3-compatible endpoint for Upload (default: "
+                   "AWS, or AWS_ENDPOINT_URL); credentials are the agent's own environment")
     a.add_argument("--trigger-interval", type=float, default=None,
                    help="seconds between two samples of /proc (default: the file's, 1)")
     a.set_defaults(func=_agent)
@@ -312,6 +315,10 @@ def _collect(args: argparse.Namespace) -> int:
               "the agents list)", file=sys.stderr)
         return EXIT_USAGE
     show = sys.stderr.isatty() and not args.quiet and not args.no_progress
+    if args.upload:
+        if args.out:
+            raise CaptureError("--upload is where the cores and the manifest go: no --out")
+        args.out = args.upload
     cfg = CollectConfig(endpoints=endpoints, selection=selection, mode=args.only,
                         out=args.out or "", compress=args.compress,
                         compress_level=args.compress_level,
@@ -319,7 +326,7 @@ def _collect(args: argparse.Namespace) -> int:
                         per_host=args.per_host, retries=args.retries,
                         list_timeout=args.timeout, freeze_timeout_ms=args.freeze_timeout_ms,
                         stack_bytes=args.stack_bytes, tls=_tls(args),
-                        s3_endpoint_url=args.s3_endpoint_url)
+                        s3_endpoint_url=args.s3_endpoint_url, upload=bool(args.upload))
     result = collect(cfg, progress=Progress(show))
     summary = result.manifest["summary"]
     if args.json:
@@ -373,6 +380,10 @@ def _add_collect_parser(sub: argparse._SubParsersAction) -> None:  # type: ignor
                    help="compress memory on the wire (for slow links; costs agent CPU)")
     c.add_argument("--s3-endpoint-url", help="S3-compatible endpoint (default: AWS, or "
                    "AWS_ENDPOINT_URL)")
+    c.add_argument("--upload", metavar="s3://BUCKET/PREFIX",
+                   help="each agent writes its full cores straight to S3 with its own "
+                   "credentials (the policy's `uploads` must allow it); the collector writes "
+                   "only the manifest there")
     c.add_argument("--concurrency", type=int, default=8, help="captures at once (default 8)")
     c.add_argument("--per-host", type=int, default=2,
                    help="captures at once on one agent (default 2)")

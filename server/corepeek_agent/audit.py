@@ -83,6 +83,7 @@ class SessionRecord:
     # A capture a trigger made (its id, what crossed, the store entry), or a
     # trigger added or removed over RPC.
     trigger: dict[str, Any] = field(default_factory=dict)
+    upload: str = ""                  # Upload: the destination (s3://bucket/key)
     outcome: str = "ok"
     code: str = "OK"
     details: str = ""
@@ -123,6 +124,8 @@ class SessionRecord:
                 out["exposure"] = self.exposure
         if self.trigger:
             out["trigger"] = self.trigger
+        if self.upload:
+            out["upload"] = self.upload
         elif self.kind == "list":
             out["listed"] = self.listed
         out.update({"duration_seconds": round(time.time() - self.started, 6),

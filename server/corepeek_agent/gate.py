@@ -44,7 +44,8 @@ _KINDS = {"/corepeek.v1.CoreCaptureService/Capture": "capture",
           "/corepeek.v1.CoreCaptureService/AddTrigger": "trigger",
           "/corepeek.v1.CoreCaptureService/ListTriggers": "trigger",
           "/corepeek.v1.CoreCaptureService/RemoveTrigger": "trigger",
-          "/corepeek.v1.CoreCaptureService/ListCaptures": "captures"}
+          "/corepeek.v1.CoreCaptureService/ListCaptures": "captures",
+          "/corepeek.v1.CoreCaptureService/Upload": "capture"}
 UNARY_WORKERS = 8
 
 

@@ -28,6 +28,7 @@ File format (YAML, or TOML when the name ends in ``.toml``)::
         triggers: false            # may add triggers (AddTrigger); their firings are checked
                                    # against these rules like interactive captures
         keep: false                # may ask the agent to keep a capture in its store
+        uploads: ["s3://cores/team-a/*"]   # where Upload may write full cores (globs; default none)
 
 Client identities are typed strings: ``uri:<SAN URI>`` (a SPIFFE id is a URI
 SAN; ``spiffe://...`` alone is shorthand for ``uri:spiffe://...``),
@@ -161,6 +162,7 @@ class Rule:
     environment: bool = False                   # stacks mode: argv/env strings served
     triggers: bool = False                      # may add triggers over RPC (fail closed)
     keep: bool = False                          # may ask for CaptureOptions.keep
+    uploads: tuple[str, ...] = ()               # s3:// globs Upload may write to
     local_identity: str = DEFAULT_LOCAL_IDENTITY
 
     def names_client(self, identities: Iterable[str]) -> bool:
@@ -249,7 +251,7 @@ def deny_all_policy() -> Policy:
 _TOP_KEYS = {"version", "local_identity", "limits", "rules"}
 _LIMIT_KEYS = {"sessions_per_minute", "budget"}
 _RULE_KEYS = {"name", "clients", "targets", "modes", "budget", "allow_nondumpable",
-              "stack_bytes", "environment", "triggers", "keep"}
+              "stack_bytes", "environment", "triggers", "keep", "uploads"}
 _TARGET_KEYS = {"uid", "exe", "comm", "cgroup", "container"}
 
 
@@ -328,7 +330,16 @@ def _rule(obj: object, index: int, local_identity: str) -> Rule:
                 budget=parse_size(r.get("budget"), f"{where}.budget"), allow_nondumpable=allow_nd,
                 stack_bytes=stack_bytes, environment=_bool(r, "environment", where),
                 triggers=_bool(r, "triggers", where), keep=_bool(r, "keep", where),
+                uploads=_uploads(r.get("uploads"), f"{where}.uploads"),
                 local_identity=local_identity)
+
+
+def _uploads(obj: object, where: str) -> tuple[str, ...]:
+    globs = _str_list(obj, where)
+    bad = [g for g in globs if not g.startswith("s3://") or len(g.split("/")) < 4]
+    if bad:
+        raise PolicyError(f"{where}: expected s3://bucket/prefix globs, got {bad[0]!r}")
+    return globs
 
 
 def _bool(r: Mapping[str, Any], key: str, where: str) -> bool:

@@ -27,6 +27,7 @@ from .registry import SessionRegistry
 from .session import (DEFAULT_CHUNK, MAX_CHUNK, MODE_FULL, MODE_NOTES, MODE_STACKS,
                       CaptureSession, Chunk, SessionOptions)
 from .storerpc import StoreRpcs
+from .uploadrpc import UploadRpcs
 
 if TYPE_CHECKING:
     from .store.store import Store
@@ -62,6 +63,8 @@ class AgentConfig:
     first_request_seconds: float = 5.0
     idle_timeout_seconds: float = 60.0
     max_lifetime_seconds: float = 900.0
+    # Upload (upload.py): the S3-compatible endpoint ("" = AWS, or AWS_ENDPOINT_URL).
+    s3_endpoint_url: str = ""
 
     @property
     def lifetimes(self) -> Lifetimes:
@@ -273,7 +276,8 @@ def add_capture_service(servicer: CoreCaptureServicer, server: grpc.Server) -> N
                         ("AddTrigger", pb.AddTriggerRequest),
                         ("ListTriggers", pb.ListTriggersRequest),
                         ("RemoveTrigger", pb.RemoveTriggerRequest),
-                        ("ListCaptures", pb.ListCapturesRequest)):
+                        ("ListCaptures", pb.ListCapturesRequest),
+                        ("Upload", pb.UploadRequest)):
         handlers[method] = handlers[method]._replace(  # type: ignore[attr-defined]
             request_deserializer=_tolerant_parser(cls))
     name = pb.DESCRIPTOR.services_by_name["CoreCaptureService"].full_name
@@ -325,7 +329,7 @@ def _audit_overdue(guard: CaptureGuard, watch: StreamWatch) -> None:
                           grpc.StatusCode.DEADLINE_EXCEEDED.name, watch.reason)
 
 
-class CoreCaptureServicer(StoreRpcs, pb_grpc.CoreCaptureServiceServicer):
+class CoreCaptureServicer(StoreRpcs, UploadRpcs, pb_grpc.CoreCaptureServiceServicer):
     # Capture yields pre-encoded chunk bytes: only with the serializer that
     # add_capture_service() registers (the generated one wants messages).
     raw_responses = False

@@ -171,3 +171,20 @@ def test_the_sampler_reads_exe_and_fds_of_processes_a_selector_needs() -> None:
     finally:
         child.kill()
         child.wait()
+
+
+def test_upload_destinations_of_a_rule() -> None:
+    from corepeek_agent.errors import InvalidRequest, PermissionDenied
+    from corepeek_agent.upload import check_allowed, parse_destination
+
+    base = {"name": "r", "clients": ["local"], "modes": ["full"]}
+    assert policy_from_dict({"rules": [base]}).rules[0].uploads == ()          # none by default
+    rule = policy_from_dict({"rules": [{**base, "uploads": ["s3://cores/team-a/*"]}]}).rules[0]
+    check_allowed(parse_destination("s3://cores/team-a/h/core.1"), rule.uploads, "me")
+    with pytest.raises(PermissionDenied):
+        check_allowed(parse_destination("s3://cores/team-b/core.1"), rule.uploads, "me")
+    for bad in ("s3://cores/a/../b", "s3://Cores/a", "http://x/y", "s3://cores/"):
+        with pytest.raises(InvalidRequest):
+            parse_destination(bad)
+    with pytest.raises(Exception, match="s3://bucket/prefix"):
+        policy_from_dict({"rules": [{**base, "uploads": ["cores/*"]}]})

@@ -22,6 +22,7 @@ import grpc
 from ..channel import TLSOptions, open_channel
 from ..errors import CaptureError
 from ..v1 import capture_pb2_grpc as pb_grpc
+from .agentupload import upload_one
 from .endpoints import Endpoint
 from .manifest import MANIFEST_NAME, CaptureRecord, build_manifest, iso_utc
 from .plan import (MODES, AgentResult, Match, NameClaims, Selection, capture_name,
@@ -51,6 +52,7 @@ class CollectConfig:
     stack_bytes: int = 0
     tls: TLSOptions | None = None
     s3_endpoint_url: str | None = None
+    upload: bool = False                  # agents write cores to `out` (s3://) themselves
     backoff_base: float = 0.5
     backoff_cap: float = 8.0
 
@@ -120,6 +122,9 @@ class Collector:
                  now: Callable[[], datetime] = lambda: datetime.now(timezone.utc)) -> None:
         if cfg.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}")
+        if cfg.upload and (cfg.mode != "full" or cfg.compress or not cfg.out.startswith("s3://")):
+            raise CaptureError("--upload s3://bucket/prefix uploads full, uncompressed cores "
+                               "(no --only, --compress or --out with it)")
         self.cfg = cfg
         self.now = now
         self.sleep = sleep
@@ -198,6 +203,12 @@ class Collector:
             channel = None
             try:
                 channel = self.channels.get(m.agent)
+                if cfg.upload:
+                    upload_one(channel, m, self.sink.destination + name, rec,
+                               freeze_timeout_ms=cfg.freeze_timeout_ms)
+                    rec.seconds = time.monotonic() - t0
+                    rec.status, rec.error, rec.code = "ok", None, None
+                    return rec
                 with RemoteCore(channel, m.pid, start_time=m.start_time,
                                 mode=cfg.mode, freeze_timeout_ms=cfg.freeze_timeout_ms,
                                 stack_bytes=cfg.stack_bytes,

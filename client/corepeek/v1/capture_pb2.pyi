@@ -384,3 +384,27 @@ class ListCapturesResponse(_message.Message):
     captures: _containers.RepeatedCompositeFieldContainer[StoredCapture]
     hostname: str
     def __init__(self, captures: _Optional[_Iterable[_Union[StoredCapture, _Mapping]]] = ..., hostname: _Optional[str] = ...) -> None: ...
+
+class UploadRequest(_message.Message):
+    __slots__ = ("open", "destination")
+    OPEN_FIELD_NUMBER: _ClassVar[int]
+    DESTINATION_FIELD_NUMBER: _ClassVar[int]
+    open: OpenCapture
+    destination: str
+    def __init__(self, open: _Optional[_Union[OpenCapture, _Mapping]] = ..., destination: _Optional[str] = ...) -> None: ...
+
+class UploadProgress(_message.Message):
+    __slots__ = ("layout", "bytes_uploaded", "done", "url", "size", "sha256")
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    BYTES_UPLOADED_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    URL_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    layout: CoreLayout
+    bytes_uploaded: int
+    done: bool
+    url: str
+    size: int
+    sha256: str
+    def __init__(self, layout: _Optional[_Union[CoreLayout, _Mapping]] = ..., bytes_uploaded: _Optional[int] = ..., done: _Optional[bool] = ..., url: _Optional[str] = ..., size: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...

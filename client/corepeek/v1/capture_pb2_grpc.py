@@ -64,6 +64,11 @@ class CoreCaptureServiceStub:
                 request_serializer=corepeek_dot_v1_dot_capture__pb2.ListCapturesRequest.SerializeToString,
                 response_deserializer=corepeek_dot_v1_dot_capture__pb2.ListCapturesResponse.FromString,
                 _registered_method=True)
+        self.Upload = channel.unary_stream(
+                '/corepeek.v1.CoreCaptureService/Upload',
+                request_serializer=corepeek_dot_v1_dot_capture__pb2.UploadRequest.SerializeToString,
+                response_deserializer=corepeek_dot_v1_dot_capture__pb2.UploadProgress.FromString,
+                _registered_method=True)
 
 
 class CoreCaptureServiceServicer:
@@ -118,6 +123,17 @@ class CoreCaptureServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Upload(self, request, context):
+        """The agent captures a full core and writes it straight to S3-compatible
+        storage (multipart: nothing appears under the key until it is complete;
+        a failure aborts the upload).  Credentials are the agent's own.  The
+        admitting policy rule must list the destination in `uploads`.  The
+        first message carries the layout, the last one `done` with the object.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoreCaptureServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -150,6 +166,11 @@ def add_CoreCaptureServiceServicer_to_server(servicer, server):
                     servicer.ListCaptures,
                     request_deserializer=corepeek_dot_v1_dot_capture__pb2.ListCapturesRequest.FromString,
                     response_serializer=corepeek_dot_v1_dot_capture__pb2.ListCapturesResponse.SerializeToString,
+            ),
+            'Upload': grpc.unary_stream_rpc_method_handler(
+                    servicer.Upload,
+                    request_deserializer=corepeek_dot_v1_dot_capture__pb2.UploadRequest.FromString,
+                    response_serializer=corepeek_dot_v1_dot_capture__pb2.UploadProgress.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -314,6 +335,33 @@ class CoreCaptureService:
             '/corepeek.v1.CoreCaptureService/ListCaptures',
             corepeek_dot_v1_dot_capture__pb2.ListCapturesRequest.SerializeToString,
             corepeek_dot_v1_dot_capture__pb2.ListCapturesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Upload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/corepeek.v1.CoreCaptureService/Upload',
+            corepeek_dot_v1_dot_capture__pb2.UploadRequest.SerializeToString,
+            corepeek_dot_v1_dot_capture__pb2.UploadProgress.FromString,
             options,
             channel_credentials,
             insecure,
