@@ -361,3 +361,35 @@ def test_a_capture_the_client_asks_to_keep_is_stored_byte_identical(
         assert captures(agent) == []
     finally:
         stop_agent(agent)
+
+
+def test_a_configured_trigger_fires_as_the_identity_it_names(tmp_path: Path, require_root: None,
+                                                            build) -> None:
+    with Target(build("growmem")) as target:
+        conf = tmp_path / "triggers.yaml"
+        conf.write_text(f"version: 1\ninterval: {INTERVAL}\ntriggers:\n"
+                        f"  - name: from-config\n    identity: local\n"
+                        f"    select: {{pid: {target.pid}}}\n    every: 1\n"
+                        f"    only: notes\n")
+        agent = start_agent(tmp_path, "--policy", str(policy_file(tmp_path, triggers=False)),
+                            "--store", str(tmp_path / "store"), "--triggers", str(conf),
+                            "--sessions-per-minute", "0")
+        try:
+            (entry,) = wait_for("the configured firing", lambda: captures(agent), 30, agent)
+            assert entry.pid == target.pid and entry.owner == "local"
+            assert entry.mode == pb.CAPTURE_MODE_NOTES
+            assert_thawed_and_undisturbed(target)
+            # listed to the identity it runs as, but never removed over RPC
+            (t,) = stub(agent).ListTriggers(pb.ListTriggersRequest(), timeout=10).triggers
+            assert (t.source, t.owner, t.fired, t.spec.name) == ("config", "local", 1,
+                                                                 "from-config")
+            with pytest.raises(grpc.RpcError) as err:
+                stub(agent).RemoveTrigger(pb.RemoveTriggerRequest(id=t.id), timeout=10)
+            assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        finally:
+            stop_agent(agent)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("triggers:\n  - select: {comm: [a]}\n    every: 5\n    every: 6\n")
+    r = cli("agent", "--listen", f"unix:{tmp_path / 'x.sock'}", "--store", str(tmp_path / "s2"),
+            "--triggers", str(bad))
+    assert r.returncode == 1 and "duplicate key 'every'" in r.stderr, r.stderr
