@@ -310,7 +310,10 @@ def _collect(args: argparse.Namespace) -> int:
             raise CaptureError("no agent addresses given")
         endpoints = [Endpoint(a) for a in addresses]
     selection = Selection(comm=args.comm or "", exe_glob=args.exe or "", pid=args.pid or 0)
-    if selection.empty and not args.all:
+    stored_since = _duration(args.since) if args.stored else 0.0
+    if args.since and not args.stored:
+        raise CaptureError("--since goes with --stored")
+    if selection.empty and not args.all and not args.stored:
         print("corepeek: give --comm, --exe or --pid (or --all to capture every process "
               "the agents list)", file=sys.stderr)
         return EXIT_USAGE
@@ -326,7 +329,8 @@ def _collect(args: argparse.Namespace) -> int:
                         per_host=args.per_host, retries=args.retries,
                         list_timeout=args.timeout, freeze_timeout_ms=args.freeze_timeout_ms,
                         stack_bytes=args.stack_bytes, tls=_tls(args),
-                        s3_endpoint_url=args.s3_endpoint_url, upload=bool(args.upload))
+                        s3_endpoint_url=args.s3_endpoint_url, upload=bool(args.upload),
+                        stored_since=stored_since)
     result = collect(cfg, progress=Progress(show))
     summary = result.manifest["summary"]
     if args.json:
@@ -341,6 +345,21 @@ def _collect(args: argparse.Namespace) -> int:
                 what = f"pid {c['pid']} ({c['comm']})" if c["pid"] is not None else "agent"
                 print(f"error: {c['host'] or c['agent']}: {what}: {c['error']}", file=sys.stderr)
     return EXIT_OK if result.ok else EXIT_ERROR
+
+
+def _duration(text: str | None) -> float:
+    """Seconds from ``90``, ``90s``, ``30m``, ``1h``, ``2d`` (default: a day)."""
+    if not text:
+        return 86400.0
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    num, unit = (text[:-1], text[-1]) if text[-1] in units else (text, "s")
+    try:
+        value = float(num) * units[unit]
+    except ValueError:
+        raise CaptureError(f"cannot read {text!r} as a duration (e.g. 90s, 30m, 1h)") from None
+    if not 0 < value < float("inf"):
+        raise CaptureError(f"--since must be positive, got {text!r}")
+    return value
 
 
 def _add_collect_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -380,6 +399,11 @@ def _add_collect_parser(sub: argparse._SubParsersAction) -> None:  # type: ignor
                    help="compress memory on the wire (for slow links; costs agent CPU)")
     c.add_argument("--s3-endpoint-url", help="S3-compatible endpoint (default: AWS, or "
                    "AWS_ENDPOINT_URL)")
+    c.add_argument("--stored", action="store_true",
+                   help="collect the entries of the agents' stores (triggered or kept "
+                   "captures) instead of live processes; --comm/--exe/--pid filter them")
+    c.add_argument("--since", metavar="DURATION",
+                   help="with --stored: entries of the last DURATION (90s, 30m, 1h; default 1d)")
     c.add_argument("--upload", metavar="s3://BUCKET/PREFIX",
                    help="each agent writes its full cores straight to S3 with its own "
                    "credentials (the policy's `uploads` must allow it); the collector writes "

@@ -393,3 +393,34 @@ def test_a_configured_trigger_fires_as_the_identity_it_names(tmp_path: Path, req
     r = cli("agent", "--listen", f"unix:{tmp_path / 'x.sock'}", "--store", str(tmp_path / "s2"),
             "--triggers", str(bad))
     assert r.returncode == 1 and "duplicate key 'every'" in r.stderr, r.stderr
+
+
+def test_collect_stored_gathers_the_entries_of_the_stores(tmp_path: Path, require_root: None,
+                                                         build) -> None:
+    store = tmp_path / "store"
+    agent = agent_with_store(tmp_path, store, policy=policy_file(tmp_path, keep=True))
+    try:
+        with Target(build("growmem")) as target:
+            target.command("grow 4")
+            for i in range(2):
+                r = cli("dump", "--agent", agent.address, str(target.pid), "--snapshot",
+                        "--keep", "-o", str(tmp_path / f"live{i}.core"))
+                assert r.returncode == 0, r.stderr
+            assert_thawed_and_undisturbed(target)
+        ids = [c.id for c in captures(agent)]
+        assert len(ids) == 2
+        out = tmp_path / "collected"
+        r = cli("collect", "--agents", agent.address, "--stored", "--since", "1h",
+                "--out", str(out), "--no-progress", "--json")
+        assert r.returncode == 0, r.stderr
+        manifest = json.loads(r.stdout)
+        assert [c["status"] for c in manifest["captures"]] == ["ok", "ok"]
+        got = sorted(hashlib.sha256((out / c["path"]).read_bytes()).hexdigest()
+                     for c in manifest["captures"])
+        assert got == sorted(index_sha256(store, i) for i in ids)
+        time.sleep(2)
+        r = cli("collect", "--agents", agent.address, "--stored", "--since", "1s",
+                "--out", str(tmp_path / "none"), "--no-progress", "--json")
+        assert r.returncode == 0 and json.loads(r.stdout)["captures"] == [], r.stderr
+    finally:
+        stop_agent(agent)

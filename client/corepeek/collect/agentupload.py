@@ -1,6 +1,8 @@
-"""``collect --upload``: each agent writes its full core straight to S3 (the
-agent's Upload RPC); the collector only orchestrates and records the result,
-so no core byte passes through it."""
+"""The collector's use of an agent's own storage: ``collect --upload`` (each
+agent writes its full core straight to S3 with the Upload RPC; the collector
+only orchestrates and records the result, so no core byte passes through it)
+and ``collect --stored`` (entries of the agents' stores instead of live
+processes)."""
 
 from __future__ import annotations
 
@@ -38,3 +40,19 @@ def upload_one(channel: grpc.Channel, m: Match, url: str, rec: CaptureRecord, *,
                            "completing it")
     rec.path, rec.bytes, rec.sha256 = done.url, done.size, done.sha256
     rec.core_bytes, rec.wire_bytes = done.size, 0
+
+
+def stored_matches(endpoint_address: str, host: str, resp: pb.ListCapturesResponse, *,
+                   since: float, now: float, comm: str = "", exe_glob: str = "",
+                   pid: int = 0) -> list[Match]:
+    """``collect --stored``: the entries of an agent's store taken since ``now -
+    since`` seconds that match the selection (corrupt ones are left out)."""
+    import fnmatch
+
+    return [Match(agent=endpoint_address, host=host, pid=c.pid, comm=c.comm, exe=c.exe,
+                  start_time=c.start_time, capture_id=c.id)
+            for c in resp.captures
+            if not c.corrupt and c.time >= now - since
+            and (not comm or c.comm == comm)
+            and (not exe_glob or fnmatch.fnmatchcase(c.exe, exe_glob))
+            and (not pid or c.pid == pid)]
