@@ -33,8 +33,10 @@ EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 def _agent(args: argparse.Namespace) -> int:
     # The one place the client package reaches into the agent: this command runs it.
+    from corepeek_agent.policy import parse_size
     from corepeek_agent.server import serve
     from corepeek_agent.service import AgentConfig
+    from corepeek_agent.store.limits import StoreLimits
     from corepeek_agent.tls import TLSFiles
 
     config = AgentConfig(max_sessions=args.max_sessions,
@@ -45,14 +47,19 @@ def _agent(args: argparse.Namespace) -> int:
                          max_streams_per_client=args.max_streams_per_client,
                          first_request_seconds=args.first_request_timeout,
                          idle_timeout_seconds=args.idle_timeout,
-                         max_lifetime_seconds=args.max_session_lifetime)
+                         max_lifetime_seconds=args.max_session_lifetime,
+                         s3_endpoint_url=args.s3_endpoint_url or "")
     serve(args.listen, insecure=args.insecure, config=config,
           socket_mode=int(args.socket_mode, 8), socket_group=args.socket_group,
           tls=TLSFiles.from_args(args.tls_cert, args.tls_key, args.tls_ca),
           policy_path=args.policy, audit_log=args.audit_log,
           sessions_per_minute=args.sessions_per_minute,
           metrics_address=args.metrics_address, health_address=args.health_address,
-          log_format=args.log_format)
+          log_format=args.log_format, store_path=args.store,
+          store_limits=StoreLimits(parse_size(args.store_max_use, "--store-max-use"),
+                                   parse_size(args.store_keep_free, "--store-keep-free"),
+                                   args.store_max_per_program),
+          triggers_path=args.triggers, trigger_interval=args.trigger_interval)
     return EXIT_OK
 
 
@@ -115,8 +122,13 @@ def _resolve_target(args: argparse.Namespace) -> None:
 def _dump(args: argparse.Namespace) -> int:
     from .outfile import AtomicOutput
 
-    _resolve_target(args)
-    out = Path(args.output or f"core.{args.pid}")
+    if args.capture:
+        if args.pid is not None or args.comm or args.exe:
+            raise UsageError("give a pid (or --comm/--exe) or --capture ID, not both")
+        out = Path(args.output or f"core.{args.capture}")
+    else:
+        _resolve_target(args)
+        out = Path(args.output or f"core.{args.pid}")
     # Created before the target is frozen: a bad -o fails without a capture.
     with AtomicOutput(out, keep_partial=args.keep_partial) as dest:
         try:
@@ -144,8 +156,8 @@ def _capture_into(args: argparse.Namespace, fd: int, out: Path) -> list[str]:
     from .remote import open_capture
 
     t0 = time.monotonic()
-    with open_capture(args.agent, args.pid, tls=_tls(args), start_time=args.start_time,
-                      mode=args.only,
+    with open_capture(args.agent, args.pid or 0, tls=_tls(args), start_time=args.start_time,
+                      mode=args.only, capture_id=args.capture or "", keep=args.keep,
                       freeze_timeout_ms=args.freeze_timeout_ms,
                       stack_bytes=args.stack_bytes, snapshot=args.snapshot,
                       compression=args.wire_compression, wait_exclusive=args.wait) as core:
@@ -157,6 +169,8 @@ def _capture_into(args: argparse.Namespace, fd: int, out: Path) -> list[str]:
                   f"snapshot: {lay.snapshot_status}" if args.only == "notes" else
                   f"warning: {lay.snapshot_status or 'snapshot not taken'}", file=sys.stderr)
         unfrozen = [t.tid for t in lay.threads if not t.frozen]
+        if lay.stored_capture_id and not args.quiet:
+            print(f"kept in the agent's store as {lay.stored_capture_id}", file=sys.stderr)
         bar = _progress_bar(lay.total_size if args.only == "full" else 0,
                             sys.stderr.isatty() and not args.quiet)
         try:
@@ -270,6 +284,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="plaintext gRPC health service only, for kubelet grpc probes")
     a.add_argument("--log-format", choices=("text", "json"), default="text",
                    help="agent log lines as text (default) or one JSON object per line")
+    a.add_argument("--store", metavar="DIR",
+                   help="keep triggered captures in DIR (created 0700; enables triggers)")
+    a.add_argument("--store-max-use", default="unlimited",
+                   help="most bytes the store may use, e.g. 10GiB (default unlimited)")
+    a.add_argument("--store-keep-free", default="1GiB",
+                   help="free space the store leaves on its file system (default 1GiB)")
+    a.add_argument("--store-max-per-program", type=int, default=None,
+                   help="stored captures kept per executable (oldest go first)")
+    a.add_argument("--triggers", metavar="FILE",
+                   help="triggers file (YAML, see docs/fleet.md); needs --store")
+    a.add_argument("--s3-endpoint-url", help="S3-compatible endpoint for Upload (default: "
+                   "AWS, or AWS_ENDPOINT_URL); credentials are the agent's own environment")
+    a.add_argument("--trigger-interval", type=float, default=None,
+                   help="seconds between two samples of /proc (default: the file's, 1)")
     a.set_defaults(func=_agent)
 
     def agent_arg(sp: argparse.ArgumentParser) -> None:
@@ -309,6 +337,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "only when complete, mode 0600, replacing (never following) what is there")
     d.add_argument("--keep-partial", action="store_true",
                    help="if the capture fails, keep what was written as OUTPUT.partial")
+    d.add_argument("--capture", metavar="ID",
+                   help="a capture kept in the agent's store (corepeek captures) instead of a pid")
+    d.add_argument("--keep", action="store_true",
+                   help="also keep the capture in the agent's store (corepeek captures)")
     d.add_argument("--only", choices=("full", "stacks", "notes"), default="full",
                    help="notes: threads, registers, mappings; stacks: notes + thread stacks")
     d.add_argument("--stack-bytes", type=int, default=0,
@@ -331,6 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     n.set_defaults(func=_notes)
 
     _add_collect_parser(add)
+    from .stored import add_store_parsers
+    add_store_parsers(add, agent_arg, parents=[globals_])
     return p
 
 
@@ -358,11 +392,18 @@ def _collect(args: argparse.Namespace) -> int:
             raise CaptureError("no agent addresses given")
         endpoints = [Endpoint(a) for a in addresses]
     selection = Selection(comm=args.comm or "", exe_glob=args.exe or "", pid=args.pid or 0)
-    if selection.empty and not args.all:
+    stored_since = _duration(args.since) if args.stored else 0.0
+    if args.since and not args.stored:
+        raise CaptureError("--since goes with --stored")
+    if selection.empty and not args.all and not args.stored:
         print("corepeek: give --comm, --exe or --pid (or --all to capture every process "
               "the agents list)", file=sys.stderr)
         return EXIT_USAGE
     show = sys.stderr.isatty() and not args.quiet and not args.no_progress
+    if args.upload:
+        if args.out:
+            raise CaptureError("--upload is where the cores and the manifest go: no --out")
+        args.out = args.upload
     cfg = CollectConfig(endpoints=endpoints, selection=selection, mode=args.only,
                         out=args.out or "", compress=args.compress,
                         compress_level=args.compress_level,
@@ -370,7 +411,8 @@ def _collect(args: argparse.Namespace) -> int:
                         per_host=args.per_host, retries=args.retries,
                         list_timeout=args.timeout, freeze_timeout_ms=args.freeze_timeout_ms,
                         stack_bytes=args.stack_bytes, tls=_tls(args),
-                        s3_endpoint_url=args.s3_endpoint_url)
+                        s3_endpoint_url=args.s3_endpoint_url, upload=bool(args.upload),
+                        stored_since=stored_since)
     result = collect(cfg, progress=Progress(show))
     summary = result.manifest["summary"]
     if args.json:
@@ -386,6 +428,21 @@ def _collect(args: argparse.Namespace) -> int:
                 print("error: " + safe(f"{c['host'] or c['agent']}: {what}: {c['error']}"),
                       file=sys.stderr)
     return EXIT_OK if result.ok else EXIT_ERROR
+
+
+def _duration(text: str | None) -> float:
+    """Seconds from ``90``, ``90s``, ``30m``, ``1h``, ``2d`` (default: a day)."""
+    if not text:
+        return 86400.0
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    num, unit = (text[:-1], text[-1]) if text[-1] in units else (text, "s")
+    try:
+        value = float(num) * units[unit]
+    except ValueError:
+        raise CaptureError(f"cannot read {text!r} as a duration (e.g. 90s, 30m, 1h)") from None
+    if not 0 < value < float("inf"):
+        raise CaptureError(f"--since must be positive, got {text!r}")
+    return value
 
 
 def _add_collect_parser(add: Callable[..., argparse.ArgumentParser]) -> None:
@@ -427,6 +484,15 @@ def _add_collect_parser(add: Callable[..., argparse.ArgumentParser]) -> None:
                    help="compress memory on the wire (for slow links; costs agent CPU)")
     c.add_argument("--s3-endpoint-url", help="S3-compatible endpoint (default: AWS, or "
                    "AWS_ENDPOINT_URL)")
+    c.add_argument("--stored", action="store_true",
+                   help="collect the entries of the agents' stores (triggered or kept "
+                   "captures) instead of live processes; --comm/--exe/--pid filter them")
+    c.add_argument("--since", metavar="DURATION",
+                   help="with --stored: entries of the last DURATION (90s, 30m, 1h; default 1d)")
+    c.add_argument("--upload", metavar="s3://BUCKET/PREFIX",
+                   help="each agent writes its full cores straight to S3 with its own "
+                   "credentials (the policy's `uploads` must allow it); the collector writes "
+                   "only the manifest there")
     c.add_argument("--concurrency", type=int, default=8, help="captures at once (default 8)")
     c.add_argument("--per-host", type=int, default=2,
                    help="captures at once on one agent (default 2)")

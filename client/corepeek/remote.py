@@ -208,9 +208,11 @@ class RemoteCore:
                  mode: str = "full", freeze_timeout_ms: int = 0, chunk_bytes: int = 0,
                  stack_bytes: int = 0, snapshot: bool = False, own_channel: bool = False,
                  metadata: tuple[tuple[str, str], ...] = (), compression: str = "none",
-                 wait_exclusive: float = 0.0) -> None:
+                 wait_exclusive: float = 0.0, capture_id: str = "", keep: bool = False) -> None:
         """``wait_exclusive`` > 0: want a freeze of its own rather than join a
-        capture of ``pid`` in progress, waiting up to that many seconds."""
+        capture of ``pid`` in progress, waiting up to that many seconds.
+        ``capture_id``: open this entry of the agent's store instead of ``pid``;
+        ``keep``: ask the agent to keep this capture in its store as well."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {sorted(MODES)}")
         if compression not in COMPRESSIONS:
@@ -227,9 +229,9 @@ class RemoteCore:
                                  max_chunk_bytes=chunk_bytes, stack_bytes_per_thread=stack_bytes,
                                  snapshot=snapshot, packed_chunks=True,
                                  compression=COMPRESSIONS[compression],
-                                 wait_exclusive_seconds=wait_exclusive)
+                                 wait_exclusive_seconds=wait_exclusive, keep=keep)
         self._requests.put(pb.CaptureRequest(open=pb.OpenCapture(
-            pid=pid, start_time=start_time, options=opts)))
+            pid=pid, start_time=start_time, options=opts, capture_id=capture_id)))
         # Responses arrive undecoded: chunks are parsed by parse_chunk (their
         # data is not copied by protobuf), the layout by protobuf.
         capture = channel.stream_stream(_CAPTURE_METHOD,

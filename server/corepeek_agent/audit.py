@@ -80,6 +80,10 @@ class SessionRecord:
     # stacks mode: what the rule let through (stack bytes per thread, requested
     # vs granted; whether argv/environment strings were served)
     exposure: dict[str, Any] = field(default_factory=dict)
+    # A capture a trigger made (its id, what crossed, the store entry), or a
+    # trigger added or removed over RPC.
+    trigger: dict[str, Any] = field(default_factory=dict)
+    upload: str = ""                  # Upload: the destination (s3://bucket/key)
     outcome: str = "ok"
     code: str = "OK"
     details: str = ""
@@ -118,6 +122,10 @@ class SessionRecord:
             })
             if self.exposure:
                 out["exposure"] = self.exposure
+        if self.trigger:
+            out["trigger"] = self.trigger
+        if self.upload:
+            out["upload"] = self.upload
         elif self.kind == "list":
             out["listed"] = self.listed
         out.update({"duration_seconds": round(time.time() - self.started, 6),

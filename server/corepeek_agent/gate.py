@@ -40,7 +40,12 @@ log = logging.getLogger(__name__)
 
 OPEN_METHODS = frozenset({"/grpc.health.v1.Health/Check"})
 _KINDS = {"/corepeek.v1.CoreCaptureService/Capture": "capture",
-          "/corepeek.v1.CoreCaptureService/ListProcesses": "list"}
+          "/corepeek.v1.CoreCaptureService/ListProcesses": "list",
+          "/corepeek.v1.CoreCaptureService/AddTrigger": "trigger",
+          "/corepeek.v1.CoreCaptureService/ListTriggers": "trigger",
+          "/corepeek.v1.CoreCaptureService/RemoveTrigger": "trigger",
+          "/corepeek.v1.CoreCaptureService/ListCaptures": "captures",
+          "/corepeek.v1.CoreCaptureService/Upload": "capture"}
 UNARY_WORKERS = 8
 
 

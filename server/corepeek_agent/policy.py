@@ -25,6 +25,10 @@ File format (YAML, or TOML when the name ends in ``.toml``)::
         stack_bytes: 1MiB          # stacks mode: cap on stack bytes per thread (default 1 MiB)
         environment: false         # stacks mode: serve argv/environment strings (default: zeros)
         allow_nondumpable: false   # true only with an exe selector (comm is the process's choice)
+        triggers: false            # may add triggers (AddTrigger); their firings are checked
+                                   # against these rules like interactive captures
+        keep: false                # may ask the agent to keep a capture in its store
+        uploads: ["s3://cores/team-a/*"]   # where Upload may write full cores (globs; default none)
 
 Client identities are typed strings: ``uri:<SAN URI>`` (a SPIFFE id is a URI
 SAN; ``spiffe://...`` alone is shorthand for ``uri:spiffe://...``),
@@ -156,6 +160,9 @@ class Rule:
     allow_nondumpable: bool = False
     stack_bytes: int = DEFAULT_STACK_BYTES      # stacks mode, per thread
     environment: bool = False                   # stacks mode: argv/env strings served
+    triggers: bool = False                      # may add triggers over RPC (fail closed)
+    keep: bool = False                          # may ask for CaptureOptions.keep
+    uploads: tuple[str, ...] = ()               # s3:// globs Upload may write to
     local_identity: str = DEFAULT_LOCAL_IDENTITY
 
     def names_client(self, identities: Iterable[str]) -> bool:
@@ -214,6 +221,10 @@ class Policy:
         return Decision(False, f"mode {mode} is not allowed for pid {facts.pid} "
                                f"(allowed: {', '.join(allowed) or 'none'})")
 
+    def may_set_triggers(self, identities: Iterable[str]) -> bool:
+        """Some rule naming the client lets it add triggers (``triggers: true``)."""
+        return any(r.triggers for r in self.rules_for(identities))
+
     def may_capture(self, identities: Iterable[str], facts: TargetFacts) -> bool:
         """Some mode is allowed (what ListProcesses shows)."""
         return self.decide(identities, facts, MODE_NOTES).allowed
@@ -240,7 +251,7 @@ def deny_all_policy() -> Policy:
 _TOP_KEYS = {"version", "local_identity", "limits", "rules"}
 _LIMIT_KEYS = {"sessions_per_minute", "budget"}
 _RULE_KEYS = {"name", "clients", "targets", "modes", "budget", "allow_nondumpable",
-              "stack_bytes", "environment"}
+              "stack_bytes", "environment", "triggers", "keep", "uploads"}
 _TARGET_KEYS = {"uid", "exe", "comm", "cgroup", "container"}
 
 
@@ -318,7 +329,17 @@ def _rule(obj: object, index: int, local_identity: str) -> Rule:
     return Rule(name=name, clients=clients, targets=targets, modes=modes_admitted(modes_raw),
                 budget=parse_size(r.get("budget"), f"{where}.budget"), allow_nondumpable=allow_nd,
                 stack_bytes=stack_bytes, environment=_bool(r, "environment", where),
+                triggers=_bool(r, "triggers", where), keep=_bool(r, "keep", where),
+                uploads=_uploads(r.get("uploads"), f"{where}.uploads"),
                 local_identity=local_identity)
+
+
+def _uploads(obj: object, where: str) -> tuple[str, ...]:
+    globs = _str_list(obj, where)
+    bad = [g for g in globs if not g.startswith("s3://") or len(g.split("/")) < 4]
+    if bad:
+        raise PolicyError(f"{where}: expected s3://bucket/prefix globs, got {bad[0]!r}")
+    return globs
 
 
 def _bool(r: Mapping[str, Any], key: str, where: str) -> bool:

@@ -75,6 +75,41 @@ def stat(pid: int, tid: int | None = None) -> Stat:
     return parse_stat(_read(path).decode(errors="replace"))
 
 
+@dataclass(frozen=True)
+class Usage:
+    """What the trigger sampler reads of /proc/PID/stat (see :func:`usage`)."""
+
+    comm: str
+    state: str
+    cpu_ticks: int      # utime + stime
+    num_threads: int
+    start_time: int
+    rss_pages: int
+
+
+def usage(pid: int) -> Usage:
+    """The fields of /proc/PID/stat the trigger sampler needs, read without a
+    buffered file object and parsed only as far as needed: it runs for every
+    process on the host at each sampling interval (bench/bench_triggers.py)."""
+    try:
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+    except (FileNotFoundError, ProcessLookupError) as exc:
+        raise ProcessGone(pid) from exc
+    try:
+        raw = os.read(fd, 1024)
+    except ProcessLookupError as exc:
+        raise ProcessGone(pid) from exc
+    finally:
+        os.close(fd)
+    lpar, rpar = raw.find(b"("), raw.rfind(b")")
+    rest = raw[rpar + 2:].split(None, 22)       # rest[N - 3] is field N
+    if lpar < 0 or len(rest) < 22:
+        raise ProcessGone(pid)
+    return Usage(comm=raw[lpar + 1:rpar].decode(errors="replace"), state=chr(rest[0][0]),
+                 cpu_ticks=int(rest[11]) + int(rest[12]), num_threads=int(rest[17]),
+                 start_time=int(rest[19]), rss_pages=int(rest[21]))
+
+
 def thread_state(pid: int, tid: int) -> str:
     """The state letter of one thread: what a freeze reads for every thread
     just before seizing it, so it avoids ``open()`` and full parsing (half the
@@ -140,6 +175,29 @@ def exe(pid: int) -> str:
         return os.readlink(f"/proc/{pid}/exe")
     except OSError:
         return ""
+
+
+def fd_count(pid: int) -> int:
+    """Open file descriptors of ``pid`` (entries of /proc/PID/fd)."""
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except (FileNotFoundError, ProcessLookupError) as exc:
+        raise ProcessGone(pid) from exc
+
+
+def map_file_head(pid: int, start: int, end: int, length: int = 4096) -> bytes:
+    """The first bytes of the file mapped at [start, end) (``/proc/PID/map_files``:
+    the mapped inode itself, even if the path was replaced); b"" if unreadable."""
+    try:
+        fd = os.open(f"/proc/{pid}/map_files/{start:x}-{end:x}", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return b""
+    try:
+        return os.pread(fd, length, 0)
+    except OSError:
+        return b""
+    finally:
+        os.close(fd)
 
 
 def exe_elf_class(pid: int) -> int:

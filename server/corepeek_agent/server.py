@@ -25,6 +25,11 @@ from .gate import UNARY_WORKERS, GateLimits, RpcGate
 from .registry import SessionRegistry
 from .service import AgentConfig, CoreCaptureServicer, add_capture_service
 from .sockbuf import buffer_options
+from .store.limits import StoreLimits
+from .store.store import Store
+from .triggers.capture import CaptureContext
+from .triggers.config import DEFAULT_INTERVAL, load_triggers
+from .triggers.engine import TriggerEngine
 from .tls import ReloadingCertificates, TLSConfigError, TLSFiles
 from .unixsocket import bind_unix
 
@@ -143,6 +148,8 @@ def create_server(address: str, *, insecure: bool = False,
                   socket_mode: int = 0o600, socket_group: str | int | None = None,
                   tls: TLSFiles | None = None, guard: Guard | None = None,
                   certificates: ReloadingCertificates | None = None,
+                  registry: SessionRegistry | None = None, store: Store | None = None,
+                  engine: TriggerEngine | None = None,
                   ) -> tuple[grpc.Server, int, SessionRegistry]:
     """Build (not start) an agent server; returns the server, bound port, registry.
 
@@ -165,7 +172,7 @@ def create_server(address: str, *, insecure: bool = False,
             "--tls-ca (plaintext TCP is allowed only on loopback with --insecure)")
     if guard is None:
         guard = Guard.for_listener(local_transport=certificates is None)
-    registry = SessionRegistry(config.max_sessions)
+    registry = registry or SessionRegistry(config.max_sessions)
     gate = RpcGate(guard, gate_limits(config))
     # Streams keep a worker each for their whole life and are capped by the
     # gate; the extra workers let refusals run while every slot is held.
@@ -175,7 +182,7 @@ def create_server(address: str, *, insecure: bool = False,
                                                     thread_name_prefix="rpc"),
                          interceptors=(gate,), options=server_options(config),
                          maximum_concurrent_rpcs=workers + UNARY_WORKERS + 16)
-    add_capture_service(CoreCaptureServicer(config, registry, guard), server)
+    add_capture_service(CoreCaptureServicer(config, registry, guard, store, engine), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME):
@@ -206,7 +213,9 @@ def serve(address: str, *, insecure: bool = False, config: AgentConfig = AgentCo
           socket_group: str | int | None = None, tls: TLSFiles | None = None,
           policy_path: str | None = None, audit_log: str | None = None,
           sessions_per_minute: int | None = None, metrics_address: str | None = None,
-          health_address: str | None = None, log_format: str = "text") -> None:
+          health_address: str | None = None, log_format: str = "text",
+          store_path: str | None = None, store_limits: StoreLimits = StoreLimits(),
+          triggers_path: str | None = None, trigger_interval: float | None = None) -> None:
     """Run an agent until SIGTERM/SIGINT; thaws every target before exiting.
 
     SIGHUP reloads the TLS certificates (they also reload by themselves when
@@ -226,9 +235,21 @@ def serve(address: str, *, insecure: bool = False, config: AgentConfig = AgentCo
     certificates = ReloadingCertificates(tls) if tls is not None else None
     guard = Guard.for_listener(local_transport=certificates is None, policy_path=policy_path,
                                audit_path=audit_log, sessions_per_minute=sessions_per_minute)
+    trigger_config = load_triggers(triggers_path) if triggers_path else None
+    if trigger_config is not None and not store_path:
+        raise CorepeekError("--triggers needs --store DIR: triggered captures go to the store")
+    registry = SessionRegistry(config.max_sessions)
+    store = Store(store_path, store_limits) if store_path else None
+    engine = None
+    if store is not None:
+        interval = trigger_interval or (trigger_config.interval if trigger_config
+                                        else DEFAULT_INTERVAL)
+        engine = TriggerEngine(CaptureContext(guard, registry, store, config), interval,
+                               trigger_config)
     server, port, registry = create_server(address, insecure=insecure, config=config,
                                            socket_mode=socket_mode, socket_group=socket_group,
-                                           guard=guard, certificates=certificates)
+                                           guard=guard, certificates=certificates,
+                                           registry=registry, store=store, engine=engine)
     metrics = AgentMetrics() if metrics_address else None
     if metrics is not None:
         metrics.instrument(guard, registry)      # observes audit records + the registry
@@ -237,6 +258,9 @@ def serve(address: str, *, insecure: bool = False, config: AgentConfig = AgentCo
     if health_port is not None:
         health_port.start()
     server.start()
+    if engine is not None:
+        engine.start()
+        log.info("store %s; triggers sampled every %g s", store_path, engine.interval)
     if health_port is not None:
         health_port.set_serving(True)
     stop = threading.Event()
@@ -261,12 +285,16 @@ def serve(address: str, *, insecure: bool = False, config: AgentConfig = AgentCo
     stop.wait()
     if health_port is not None:
         health_port.set_serving(False)
+    if engine is not None:
+        engine.stop()
     registry.thaw_all()
     # Bounded: gRPC never completes the shutdown of a call it aborted itself
     # because a message did not parse (measured, grpcio 1.85), and every
     # target is already thawed.
     if not server.stop(grace=2).wait(timeout=3):
         log.warning("gRPC did not finish stopping in time; exiting anyway")
+    if store is not None:
+        store.close()
     guard.audit.close()
     if health_port is not None:
         health_port.stop()

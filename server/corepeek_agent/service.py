@@ -10,6 +10,7 @@ import socket
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import grpc
 from corepeek.v1 import capture_pb2 as pb
@@ -26,6 +27,12 @@ from .registry import SessionRegistry
 from .session import (DEFAULT_CHUNK, MAX_CHUNK, MODE_FULL, MODE_NOTES, MODE_STACKS,
                       CaptureSession, Chunk, SessionOptions)
 from .sockbuf import DEFAULT_BUFFER_BYTES
+from .storerpc import StoreRpcs
+from .uploadrpc import UploadRpcs
+
+if TYPE_CHECKING:
+    from .store.store import Store
+    from .triggers.engine import TriggerEngine
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +64,8 @@ class AgentConfig:
     first_request_seconds: float = 5.0
     idle_timeout_seconds: float = 60.0
     max_lifetime_seconds: float = 900.0
+    # Upload (upload.py): the S3-compatible endpoint ("" = AWS, or AWS_ENDPOINT_URL).
+    s3_endpoint_url: str = ""
 
     # Send buffer of every accepted connection (sockbuf.py); 0 keeps the kernel's.
     socket_buffer_bytes: int = DEFAULT_BUFFER_BYTES
@@ -267,8 +276,14 @@ def add_capture_service(servicer: CoreCaptureServicer, server: grpc.Server) -> N
     handlers["Capture"] = handlers["Capture"]._replace(  # type: ignore[attr-defined]
         response_serializer=_serialize_response,
         request_deserializer=_tolerant_parser(pb.CaptureRequest))
-    handlers["ListProcesses"] = handlers["ListProcesses"]._replace(  # type: ignore[attr-defined]
-        request_deserializer=_tolerant_parser(pb.ListProcessesRequest))
+    for method, cls in (("ListProcesses", pb.ListProcessesRequest),
+                        ("AddTrigger", pb.AddTriggerRequest),
+                        ("ListTriggers", pb.ListTriggersRequest),
+                        ("RemoveTrigger", pb.RemoveTriggerRequest),
+                        ("ListCaptures", pb.ListCapturesRequest),
+                        ("Upload", pb.UploadRequest)):
+        handlers[method] = handlers[method]._replace(  # type: ignore[attr-defined]
+            request_deserializer=_tolerant_parser(cls))
     name = pb.DESCRIPTOR.services_by_name["CoreCaptureService"].full_name
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
     server.add_registered_method_handlers(name, handlers)
@@ -318,14 +333,16 @@ def _audit_overdue(guard: CaptureGuard, watch: StreamWatch) -> None:
                           grpc.StatusCode.DEADLINE_EXCEEDED.name, watch.reason)
 
 
-class CoreCaptureServicer(pb_grpc.CoreCaptureServiceServicer):
+class CoreCaptureServicer(StoreRpcs, UploadRpcs, pb_grpc.CoreCaptureServiceServicer):
     # Capture yields pre-encoded chunk bytes: only with the serializer that
     # add_capture_service() registers (the generated one wants messages).
     raw_responses = False
 
     def __init__(self, config: AgentConfig, registry: SessionRegistry,
-                 guard: Guard | None = None) -> None:
+                 guard: Guard | None = None, store: Store | None = None,
+                 engine: TriggerEngine | None = None) -> None:
         self.config = config
+        self.store, self.engine = store, engine       # storerpc.py: None when not configured
         self.registry = registry
         # Policy, rate limits and audit log (authz.py); without one, local peers
         # may capture every dumpable process and TLS peers nothing.
@@ -374,10 +391,14 @@ class CoreCaptureServicer(pb_grpc.CoreCaptureServiceServicer):
                 raise first.refuse()
             if first.WhichOneof("request") != "open":
                 raise InvalidRequest("the first message of a capture must be `open`")
-            if first.open.pid <= 0:
-                raise InvalidRequest(f"invalid pid {first.open.pid}")
             options = session_options(first.open.options, self.config)
             compressor = chunk_compressor(first.open.options)
+            if first.open.capture_id:
+                yield from self.serve_stored(first.open.capture_id, options, request_iterator,
+                                             guard, watch, compressor)
+                return
+            if first.open.pid <= 0:
+                raise InvalidRequest(f"invalid pid {first.open.pid}")
             wait = wait_exclusive(first.open.options)
             guard.admit(first.open.pid, first.open.start_time, options.mode)
             session = CaptureSession(
@@ -398,6 +419,8 @@ class CoreCaptureServicer(pb_grpc.CoreCaptureServiceServicer):
                          session.freeze.freeze_seconds * 1000 if session.freeze else 0,
                          session.layout.total_size if session.layout else 0)
             layout = layout_message(session)
+            if first.open.options.keep:
+                layout.stored_capture_id = self.keep_capture(session, layout, guard)
             if compressor is not None:
                 layout.compression = pb.COMPRESSION_ZSTD
             if options.mode == MODE_STACKS:

@@ -22,7 +22,9 @@ import grpc
 
 from ..channel import TLSOptions, open_channel
 from ..errors import CaptureError
+from ..v1 import capture_pb2 as pb
 from ..v1 import capture_pb2_grpc as pb_grpc
+from .agentupload import stored_matches, upload_one
 from .endpoints import Endpoint
 from .manifest import MANIFEST_NAME, CaptureRecord, build_manifest, iso_utc
 from .plan import (MODES, AgentResult, Match, NameClaims, Selection, capture_name,
@@ -52,6 +54,8 @@ class CollectConfig:
     stack_bytes: int = 0
     tls: TLSOptions | None = None
     s3_endpoint_url: str | None = None
+    upload: bool = False                  # agents write cores to `out` (s3://) themselves
+    stored_since: float = 0.0             # > 0: collect --stored, entries of the last N s
     backoff_base: float = 0.5
     backoff_cap: float = 8.0
 
@@ -126,6 +130,11 @@ class Collector:
                  now: Callable[[], datetime] = lambda: datetime.now(timezone.utc)) -> None:
         if cfg.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}")
+        if cfg.upload and cfg.stored_since > 0:
+            raise CaptureError("--upload takes live processes, not --stored entries")
+        if cfg.upload and (cfg.mode != "full" or cfg.compress or not cfg.out.startswith("s3://")):
+            raise CaptureError("--upload s3://bucket/prefix uploads full, uncompressed cores "
+                               "(no --only, --compress or --out with it)")
         self.cfg = cfg
         self.now = now
         self.sleep = sleep
@@ -161,6 +170,17 @@ class Collector:
             try:
                 channel = self.channels.get(ep.address)
                 stub = pb_grpc.CoreCaptureServiceStub(channel)
+                if self.cfg.stored_since > 0:
+                    stored = stub.ListCaptures(pb.ListCapturesRequest(),
+                                               timeout=self.cfg.list_timeout)
+                    res.host = host_of(ep, stored)           # type: ignore[arg-type]
+                    sel = self.cfg.selection
+                    res.matches = stored_matches(ep.address, res.host, stored,
+                                                 since=self.cfg.stored_since, now=time.time(),
+                                                 comm=sel.comm, exe_glob=sel.exe_glob,
+                                                 pid=sel.pid)
+                    res.error, res.code = "", None
+                    break
                 resp = stub.ListProcesses(self.cfg.selection.request(),
                                           timeout=self.cfg.list_timeout)
                 res.host = host_of(ep, resp)
@@ -206,7 +226,13 @@ class Collector:
             channel = None
             try:
                 channel = self.channels.get(m.agent)
-                with RemoteCore(channel, m.pid, start_time=m.start_time,
+                if cfg.upload:
+                    upload_one(channel, m, self.sink.destination + name, rec,
+                               freeze_timeout_ms=cfg.freeze_timeout_ms)
+                    rec.seconds = time.monotonic() - t0
+                    rec.status, rec.error, rec.code = "ok", None, None
+                    return rec
+                with RemoteCore(channel, m.pid, start_time=m.start_time, capture_id=m.capture_id,
                                 mode=cfg.mode, freeze_timeout_ms=cfg.freeze_timeout_ms,
                                 stack_bytes=cfg.stack_bytes,
                                 compression=cfg.wire_compression) as core:

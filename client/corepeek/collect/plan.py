@@ -53,6 +53,7 @@ class Match:
     start_time: int = 0
     threads: int = 0
     rss_bytes: int = 0
+    capture_id: str = ""    # collect --stored: an entry of the agent's store
 
 
 @dataclass

@@ -72,7 +72,7 @@ class ListProcessesResponse(_message.Message):
     def __init__(self, processes: _Optional[_Iterable[_Union[ProcessInfo, _Mapping]]] = ..., hostname: _Optional[str] = ...) -> None: ...
 
 class CaptureOptions(_message.Message):
-    __slots__ = ("freeze_timeout_ms", "mode", "max_chunk_bytes", "stack_bytes_per_thread", "snapshot", "packed_chunks", "compression", "wait_exclusive_seconds")
+    __slots__ = ("freeze_timeout_ms", "mode", "max_chunk_bytes", "stack_bytes_per_thread", "snapshot", "packed_chunks", "compression", "wait_exclusive_seconds", "keep")
     FREEZE_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -81,6 +81,7 @@ class CaptureOptions(_message.Message):
     PACKED_CHUNKS_FIELD_NUMBER: _ClassVar[int]
     COMPRESSION_FIELD_NUMBER: _ClassVar[int]
     WAIT_EXCLUSIVE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    KEEP_FIELD_NUMBER: _ClassVar[int]
     freeze_timeout_ms: int
     mode: CaptureMode
     max_chunk_bytes: int
@@ -89,17 +90,20 @@ class CaptureOptions(_message.Message):
     packed_chunks: bool
     compression: Compression
     wait_exclusive_seconds: float
-    def __init__(self, freeze_timeout_ms: _Optional[int] = ..., mode: _Optional[_Union[CaptureMode, str]] = ..., max_chunk_bytes: _Optional[int] = ..., stack_bytes_per_thread: _Optional[int] = ..., snapshot: _Optional[bool] = ..., packed_chunks: _Optional[bool] = ..., compression: _Optional[_Union[Compression, str]] = ..., wait_exclusive_seconds: _Optional[float] = ...) -> None: ...
+    keep: bool
+    def __init__(self, freeze_timeout_ms: _Optional[int] = ..., mode: _Optional[_Union[CaptureMode, str]] = ..., max_chunk_bytes: _Optional[int] = ..., stack_bytes_per_thread: _Optional[int] = ..., snapshot: _Optional[bool] = ..., packed_chunks: _Optional[bool] = ..., compression: _Optional[_Union[Compression, str]] = ..., wait_exclusive_seconds: _Optional[float] = ..., keep: _Optional[bool] = ...) -> None: ...
 
 class OpenCapture(_message.Message):
-    __slots__ = ("pid", "start_time", "options")
+    __slots__ = ("pid", "start_time", "options", "capture_id")
     PID_FIELD_NUMBER: _ClassVar[int]
     START_TIME_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    CAPTURE_ID_FIELD_NUMBER: _ClassVar[int]
     pid: int
     start_time: int
     options: CaptureOptions
-    def __init__(self, pid: _Optional[int] = ..., start_time: _Optional[int] = ..., options: _Optional[_Union[CaptureOptions, _Mapping]] = ...) -> None: ...
+    capture_id: str
+    def __init__(self, pid: _Optional[int] = ..., start_time: _Optional[int] = ..., options: _Optional[_Union[CaptureOptions, _Mapping]] = ..., capture_id: _Optional[str] = ...) -> None: ...
 
 class ReadRange(_message.Message):
     __slots__ = ("offset", "length", "request_id")
@@ -168,7 +172,7 @@ class ThreadInfo(_message.Message):
     def __init__(self, tid: _Optional[int] = ..., frozen: _Optional[bool] = ..., pc: _Optional[int] = ..., sp: _Optional[int] = ..., comm: _Optional[str] = ..., state: _Optional[str] = ...) -> None: ...
 
 class CoreLayout(_message.Message):
-    __slots__ = ("session_id", "total_size", "headers", "notes", "segments", "threads", "elf_class", "arch", "pid", "start_time", "comm", "exe", "section_headers", "freeze_micros", "max_chunk_bytes", "mode", "readable", "snapshot", "snapshot_status", "compression", "stopped_micros", "target_running", "joined", "freeze_id", "stack_bytes_per_thread", "environment_hidden")
+    __slots__ = ("session_id", "total_size", "headers", "notes", "segments", "threads", "elf_class", "arch", "pid", "start_time", "comm", "exe", "section_headers", "freeze_micros", "max_chunk_bytes", "mode", "readable", "snapshot", "snapshot_status", "compression", "stopped_micros", "target_running", "joined", "freeze_id", "stack_bytes_per_thread", "environment_hidden", "stored_capture_id")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TOTAL_SIZE_FIELD_NUMBER: _ClassVar[int]
     HEADERS_FIELD_NUMBER: _ClassVar[int]
@@ -195,6 +199,7 @@ class CoreLayout(_message.Message):
     FREEZE_ID_FIELD_NUMBER: _ClassVar[int]
     STACK_BYTES_PER_THREAD_FIELD_NUMBER: _ClassVar[int]
     ENVIRONMENT_HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    STORED_CAPTURE_ID_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     total_size: int
     headers: ByteRange
@@ -221,7 +226,8 @@ class CoreLayout(_message.Message):
     freeze_id: str
     stack_bytes_per_thread: int
     environment_hidden: bool
-    def __init__(self, session_id: _Optional[str] = ..., total_size: _Optional[int] = ..., headers: _Optional[_Union[ByteRange, _Mapping]] = ..., notes: _Optional[_Union[ByteRange, _Mapping]] = ..., segments: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ..., threads: _Optional[_Iterable[_Union[ThreadInfo, _Mapping]]] = ..., elf_class: _Optional[int] = ..., arch: _Optional[str] = ..., pid: _Optional[int] = ..., start_time: _Optional[int] = ..., comm: _Optional[str] = ..., exe: _Optional[str] = ..., section_headers: _Optional[_Union[ByteRange, _Mapping]] = ..., freeze_micros: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., mode: _Optional[_Union[CaptureMode, str]] = ..., readable: _Optional[_Iterable[_Union[ByteRange, _Mapping]]] = ..., snapshot: _Optional[bool] = ..., snapshot_status: _Optional[str] = ..., compression: _Optional[_Union[Compression, str]] = ..., stopped_micros: _Optional[int] = ..., target_running: _Optional[bool] = ..., joined: _Optional[bool] = ..., freeze_id: _Optional[str] = ..., stack_bytes_per_thread: _Optional[int] = ..., environment_hidden: _Optional[bool] = ...) -> None: ...
+    stored_capture_id: str
+    def __init__(self, session_id: _Optional[str] = ..., total_size: _Optional[int] = ..., headers: _Optional[_Union[ByteRange, _Mapping]] = ..., notes: _Optional[_Union[ByteRange, _Mapping]] = ..., segments: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ..., threads: _Optional[_Iterable[_Union[ThreadInfo, _Mapping]]] = ..., elf_class: _Optional[int] = ..., arch: _Optional[str] = ..., pid: _Optional[int] = ..., start_time: _Optional[int] = ..., comm: _Optional[str] = ..., exe: _Optional[str] = ..., section_headers: _Optional[_Union[ByteRange, _Mapping]] = ..., freeze_micros: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., mode: _Optional[_Union[CaptureMode, str]] = ..., readable: _Optional[_Iterable[_Union[ByteRange, _Mapping]]] = ..., snapshot: _Optional[bool] = ..., snapshot_status: _Optional[str] = ..., compression: _Optional[_Union[Compression, str]] = ..., stopped_micros: _Optional[int] = ..., target_running: _Optional[bool] = ..., joined: _Optional[bool] = ..., freeze_id: _Optional[str] = ..., stack_bytes_per_thread: _Optional[int] = ..., environment_hidden: _Optional[bool] = ..., stored_capture_id: _Optional[str] = ...) -> None: ...
 
 class CoreChunk(_message.Message):
     __slots__ = ("offset", "data", "hole_length", "request_id", "last", "extents", "raw_length")
@@ -248,3 +254,157 @@ class CaptureResponse(_message.Message):
     layout: CoreLayout
     chunk: CoreChunk
     def __init__(self, layout: _Optional[_Union[CoreLayout, _Mapping]] = ..., chunk: _Optional[_Union[CoreChunk, _Mapping]] = ...) -> None: ...
+
+class TriggerSelector(_message.Message):
+    __slots__ = ("pid", "comm", "exe", "cgroup", "container")
+    PID_FIELD_NUMBER: _ClassVar[int]
+    COMM_FIELD_NUMBER: _ClassVar[int]
+    EXE_FIELD_NUMBER: _ClassVar[int]
+    CGROUP_FIELD_NUMBER: _ClassVar[int]
+    CONTAINER_FIELD_NUMBER: _ClassVar[int]
+    pid: int
+    comm: _containers.RepeatedScalarFieldContainer[str]
+    exe: _containers.RepeatedScalarFieldContainer[str]
+    cgroup: _containers.RepeatedScalarFieldContainer[str]
+    container: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, pid: _Optional[int] = ..., comm: _Optional[_Iterable[str]] = ..., exe: _Optional[_Iterable[str]] = ..., cgroup: _Optional[_Iterable[str]] = ..., container: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class TriggerSpec(_message.Message):
+    __slots__ = ("selector", "rss_above_bytes", "cpu_above_percent", "cpu_for_seconds", "threads_above", "fds_above", "every_seconds", "mode", "count", "cooldown_seconds", "name")
+    SELECTOR_FIELD_NUMBER: _ClassVar[int]
+    RSS_ABOVE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CPU_ABOVE_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    CPU_FOR_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    THREADS_ABOVE_FIELD_NUMBER: _ClassVar[int]
+    FDS_ABOVE_FIELD_NUMBER: _ClassVar[int]
+    EVERY_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    COOLDOWN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    selector: TriggerSelector
+    rss_above_bytes: int
+    cpu_above_percent: float
+    cpu_for_seconds: float
+    threads_above: int
+    fds_above: int
+    every_seconds: float
+    mode: CaptureMode
+    count: int
+    cooldown_seconds: float
+    name: str
+    def __init__(self, selector: _Optional[_Union[TriggerSelector, _Mapping]] = ..., rss_above_bytes: _Optional[int] = ..., cpu_above_percent: _Optional[float] = ..., cpu_for_seconds: _Optional[float] = ..., threads_above: _Optional[int] = ..., fds_above: _Optional[int] = ..., every_seconds: _Optional[float] = ..., mode: _Optional[_Union[CaptureMode, str]] = ..., count: _Optional[int] = ..., cooldown_seconds: _Optional[float] = ..., name: _Optional[str] = ...) -> None: ...
+
+class TriggerInfo(_message.Message):
+    __slots__ = ("id", "spec", "owner", "source", "fired", "last_fired", "last_error")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    FIRED_FIELD_NUMBER: _ClassVar[int]
+    LAST_FIRED_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    spec: TriggerSpec
+    owner: str
+    source: str
+    fired: int
+    last_fired: float
+    last_error: str
+    def __init__(self, id: _Optional[str] = ..., spec: _Optional[_Union[TriggerSpec, _Mapping]] = ..., owner: _Optional[str] = ..., source: _Optional[str] = ..., fired: _Optional[int] = ..., last_fired: _Optional[float] = ..., last_error: _Optional[str] = ...) -> None: ...
+
+class AddTriggerRequest(_message.Message):
+    __slots__ = ("spec",)
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    spec: TriggerSpec
+    def __init__(self, spec: _Optional[_Union[TriggerSpec, _Mapping]] = ...) -> None: ...
+
+class ListTriggersRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListTriggersResponse(_message.Message):
+    __slots__ = ("triggers",)
+    TRIGGERS_FIELD_NUMBER: _ClassVar[int]
+    triggers: _containers.RepeatedCompositeFieldContainer[TriggerInfo]
+    def __init__(self, triggers: _Optional[_Iterable[_Union[TriggerInfo, _Mapping]]] = ...) -> None: ...
+
+class RemoveTriggerRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class RemoveTriggerResponse(_message.Message):
+    __slots__ = ("removed",)
+    REMOVED_FIELD_NUMBER: _ClassVar[int]
+    removed: bool
+    def __init__(self, removed: _Optional[bool] = ...) -> None: ...
+
+class StoredCapture(_message.Message):
+    __slots__ = ("id", "pid", "start_time", "comm", "exe", "build_ids", "trigger_id", "owner", "time", "core_size", "stored_bytes", "mode", "corrupt", "cgroup")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    START_TIME_FIELD_NUMBER: _ClassVar[int]
+    COMM_FIELD_NUMBER: _ClassVar[int]
+    EXE_FIELD_NUMBER: _ClassVar[int]
+    BUILD_IDS_FIELD_NUMBER: _ClassVar[int]
+    TRIGGER_ID_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    CORE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    STORED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    CORRUPT_FIELD_NUMBER: _ClassVar[int]
+    CGROUP_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    pid: int
+    start_time: int
+    comm: str
+    exe: str
+    build_ids: _containers.RepeatedScalarFieldContainer[str]
+    trigger_id: str
+    owner: str
+    time: float
+    core_size: int
+    stored_bytes: int
+    mode: CaptureMode
+    corrupt: bool
+    cgroup: str
+    def __init__(self, id: _Optional[str] = ..., pid: _Optional[int] = ..., start_time: _Optional[int] = ..., comm: _Optional[str] = ..., exe: _Optional[str] = ..., build_ids: _Optional[_Iterable[str]] = ..., trigger_id: _Optional[str] = ..., owner: _Optional[str] = ..., time: _Optional[float] = ..., core_size: _Optional[int] = ..., stored_bytes: _Optional[int] = ..., mode: _Optional[_Union[CaptureMode, str]] = ..., corrupt: _Optional[bool] = ..., cgroup: _Optional[str] = ...) -> None: ...
+
+class ListCapturesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListCapturesResponse(_message.Message):
+    __slots__ = ("captures", "hostname")
+    CAPTURES_FIELD_NUMBER: _ClassVar[int]
+    HOSTNAME_FIELD_NUMBER: _ClassVar[int]
+    captures: _containers.RepeatedCompositeFieldContainer[StoredCapture]
+    hostname: str
+    def __init__(self, captures: _Optional[_Iterable[_Union[StoredCapture, _Mapping]]] = ..., hostname: _Optional[str] = ...) -> None: ...
+
+class UploadRequest(_message.Message):
+    __slots__ = ("open", "destination")
+    OPEN_FIELD_NUMBER: _ClassVar[int]
+    DESTINATION_FIELD_NUMBER: _ClassVar[int]
+    open: OpenCapture
+    destination: str
+    def __init__(self, open: _Optional[_Union[OpenCapture, _Mapping]] = ..., destination: _Optional[str] = ...) -> None: ...
+
+class UploadProgress(_message.Message):
+    __slots__ = ("layout", "bytes_uploaded", "done", "url", "size", "sha256")
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    BYTES_UPLOADED_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    URL_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    layout: CoreLayout
+    bytes_uploaded: int
+    done: bool
+    url: str
+    size: int
+    sha256: str
+    def __init__(self, layout: _Optional[_Union[CoreLayout, _Mapping]] = ..., bytes_uploaded: _Optional[int] = ..., done: _Optional[bool] = ..., url: _Optional[str] = ..., size: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...

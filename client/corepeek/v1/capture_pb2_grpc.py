@@ -44,6 +44,31 @@ class CoreCaptureServiceStub:
                 request_serializer=corepeek_dot_v1_dot_capture__pb2.CaptureRequest.SerializeToString,
                 response_deserializer=corepeek_dot_v1_dot_capture__pb2.CaptureResponse.FromString,
                 _registered_method=True)
+        self.AddTrigger = channel.unary_unary(
+                '/corepeek.v1.CoreCaptureService/AddTrigger',
+                request_serializer=corepeek_dot_v1_dot_capture__pb2.AddTriggerRequest.SerializeToString,
+                response_deserializer=corepeek_dot_v1_dot_capture__pb2.TriggerInfo.FromString,
+                _registered_method=True)
+        self.ListTriggers = channel.unary_unary(
+                '/corepeek.v1.CoreCaptureService/ListTriggers',
+                request_serializer=corepeek_dot_v1_dot_capture__pb2.ListTriggersRequest.SerializeToString,
+                response_deserializer=corepeek_dot_v1_dot_capture__pb2.ListTriggersResponse.FromString,
+                _registered_method=True)
+        self.RemoveTrigger = channel.unary_unary(
+                '/corepeek.v1.CoreCaptureService/RemoveTrigger',
+                request_serializer=corepeek_dot_v1_dot_capture__pb2.RemoveTriggerRequest.SerializeToString,
+                response_deserializer=corepeek_dot_v1_dot_capture__pb2.RemoveTriggerResponse.FromString,
+                _registered_method=True)
+        self.ListCaptures = channel.unary_unary(
+                '/corepeek.v1.CoreCaptureService/ListCaptures',
+                request_serializer=corepeek_dot_v1_dot_capture__pb2.ListCapturesRequest.SerializeToString,
+                response_deserializer=corepeek_dot_v1_dot_capture__pb2.ListCapturesResponse.FromString,
+                _registered_method=True)
+        self.Upload = channel.unary_stream(
+                '/corepeek.v1.CoreCaptureService/Upload',
+                request_serializer=corepeek_dot_v1_dot_capture__pb2.UploadRequest.SerializeToString,
+                response_deserializer=corepeek_dot_v1_dot_capture__pb2.UploadProgress.FromString,
+                _registered_method=True)
 
 
 class CoreCaptureServiceServicer:
@@ -67,6 +92,48 @@ class CoreCaptureServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AddTrigger(self, request, context):
+        """Triggers the agent evaluates itself (docs/fleet.md): a selector, a
+        condition on what /proc shows, what to capture into the agent's store,
+        a count limit and a cool-down.  Only identities whose policy rule has
+        `triggers: true` may add one; every firing is checked against the policy
+        and audited under the identity that added it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTriggers(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveTrigger(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListCaptures(self, request, context):
+        """Captures kept in the agent's store that the caller may read (open one
+        with OpenCapture.capture_id).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Upload(self, request, context):
+        """The agent captures a full core and writes it straight to S3-compatible
+        storage (multipart: nothing appears under the key until it is complete;
+        a failure aborts the upload).  Credentials are the agent's own.  The
+        admitting policy rule must list the destination in `uploads`.  The
+        first message carries the layout, the last one `done` with the object.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoreCaptureServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -79,6 +146,31 @@ def add_CoreCaptureServiceServicer_to_server(servicer, server):
                     servicer.Capture,
                     request_deserializer=corepeek_dot_v1_dot_capture__pb2.CaptureRequest.FromString,
                     response_serializer=corepeek_dot_v1_dot_capture__pb2.CaptureResponse.SerializeToString,
+            ),
+            'AddTrigger': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddTrigger,
+                    request_deserializer=corepeek_dot_v1_dot_capture__pb2.AddTriggerRequest.FromString,
+                    response_serializer=corepeek_dot_v1_dot_capture__pb2.TriggerInfo.SerializeToString,
+            ),
+            'ListTriggers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTriggers,
+                    request_deserializer=corepeek_dot_v1_dot_capture__pb2.ListTriggersRequest.FromString,
+                    response_serializer=corepeek_dot_v1_dot_capture__pb2.ListTriggersResponse.SerializeToString,
+            ),
+            'RemoveTrigger': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveTrigger,
+                    request_deserializer=corepeek_dot_v1_dot_capture__pb2.RemoveTriggerRequest.FromString,
+                    response_serializer=corepeek_dot_v1_dot_capture__pb2.RemoveTriggerResponse.SerializeToString,
+            ),
+            'ListCaptures': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCaptures,
+                    request_deserializer=corepeek_dot_v1_dot_capture__pb2.ListCapturesRequest.FromString,
+                    response_serializer=corepeek_dot_v1_dot_capture__pb2.ListCapturesResponse.SerializeToString,
+            ),
+            'Upload': grpc.unary_stream_rpc_method_handler(
+                    servicer.Upload,
+                    request_deserializer=corepeek_dot_v1_dot_capture__pb2.UploadRequest.FromString,
+                    response_serializer=corepeek_dot_v1_dot_capture__pb2.UploadProgress.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -135,6 +227,141 @@ class CoreCaptureService:
             '/corepeek.v1.CoreCaptureService/Capture',
             corepeek_dot_v1_dot_capture__pb2.CaptureRequest.SerializeToString,
             corepeek_dot_v1_dot_capture__pb2.CaptureResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddTrigger(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/corepeek.v1.CoreCaptureService/AddTrigger',
+            corepeek_dot_v1_dot_capture__pb2.AddTriggerRequest.SerializeToString,
+            corepeek_dot_v1_dot_capture__pb2.TriggerInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTriggers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/corepeek.v1.CoreCaptureService/ListTriggers',
+            corepeek_dot_v1_dot_capture__pb2.ListTriggersRequest.SerializeToString,
+            corepeek_dot_v1_dot_capture__pb2.ListTriggersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveTrigger(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/corepeek.v1.CoreCaptureService/RemoveTrigger',
+            corepeek_dot_v1_dot_capture__pb2.RemoveTriggerRequest.SerializeToString,
+            corepeek_dot_v1_dot_capture__pb2.RemoveTriggerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCaptures(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/corepeek.v1.CoreCaptureService/ListCaptures',
+            corepeek_dot_v1_dot_capture__pb2.ListCapturesRequest.SerializeToString,
+            corepeek_dot_v1_dot_capture__pb2.ListCapturesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Upload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/corepeek.v1.CoreCaptureService/Upload',
+            corepeek_dot_v1_dot_capture__pb2.UploadRequest.SerializeToString,
+            corepeek_dot_v1_dot_capture__pb2.UploadProgress.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,58 @@
+"""The collector's use of an agent's own storage: ``collect --upload`` (each
+agent writes its full core straight to S3 with the Upload RPC; the collector
+only orchestrates and records the result, so no core byte passes through it)
+and ``collect --stored`` (entries of the agents' stores instead of live
+processes)."""
+
+from __future__ import annotations
+
+import grpc
+
+from ..errors import CaptureError
+from ..v1 import capture_pb2 as pb
+from ..v1 import capture_pb2_grpc as pb_grpc
+from .manifest import CaptureRecord
+from .plan import Match
+
+
+def upload_one(channel: grpc.Channel, m: Match, url: str, rec: CaptureRecord, *,
+               freeze_timeout_ms: int = 0, snapshot: bool = False) -> None:
+    """Ask the agent to upload ``m``'s core to ``url``; fills ``rec`` (raises CaptureError)."""
+    opts = pb.CaptureOptions(mode=pb.CAPTURE_MODE_FULL, freeze_timeout_ms=freeze_timeout_ms,
+                             snapshot=snapshot)
+    req = pb.UploadRequest(open=pb.OpenCapture(pid=m.pid, start_time=m.start_time,
+                                               options=opts), destination=url)
+    done = None
+    try:
+        for msg in pb_grpc.CoreCaptureServiceStub(channel).Upload(req):
+            if msg.HasField("layout"):
+                lay = msg.layout
+                rec.comm, rec.exe = lay.comm or m.comm, lay.exe or m.exe
+                rec.threads = len(lay.threads)
+                rec.unfrozen_threads = [t.tid for t in lay.threads if not t.frozen]
+                rec.freeze_micros = int(lay.freeze_micros)
+            if msg.done:
+                done = msg
+    except grpc.RpcError as exc:
+        raise CaptureError.from_rpc(exc, f"upload of pid {m.pid} to {url}") from None
+    if done is None:
+        raise CaptureError(f"upload of pid {m.pid} to {url}: the agent ended without "
+                           "completing it")
+    rec.path, rec.bytes, rec.sha256 = done.url, done.size, done.sha256
+    rec.core_bytes, rec.wire_bytes = done.size, 0
+
+
+def stored_matches(endpoint_address: str, host: str, resp: pb.ListCapturesResponse, *,
+                   since: float, now: float, comm: str = "", exe_glob: str = "",
+                   pid: int = 0) -> list[Match]:
+    """``collect --stored``: the entries of an agent's store taken since ``now -
+    since`` seconds that match the selection (corrupt ones are left out)."""
+    import fnmatch
+
+    return [Match(agent=endpoint_address, host=host, pid=c.pid, comm=c.comm, exe=c.exe,
+                  start_time=c.start_time, capture_id=c.id)
+            for c in resp.captures
+            if not c.corrupt and c.time >= now - since
+            and (not comm or c.comm == comm)
+            and (not exe_glob or fnmatch.fnmatchcase(c.exe, exe_glob))
+            and (not pid or c.pid == pid)]
