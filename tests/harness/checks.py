@@ -153,3 +153,18 @@ def wait_thawed(target: Target, timeout: float = 5.0) -> float:
             return time.monotonic() - t0
         time.sleep(0.005)
     raise AssertionError(f"target still frozen after {timeout}s: {target.thread_states()}")
+
+
+def wait_parked_at(pid: int, sps: dict[int, int], timeout: float = 10.0) -> None:
+    """Wait until each thread tid sits in a system call with stack pointer sps[tid]
+    (/proc/PID/task/TID/syscall: "nr args... sp pc")."""
+    deadline = time.monotonic() + timeout
+    while True:
+        now = {}
+        for tid in sps:
+            fields = open(f"/proc/{pid}/task/{tid}/syscall").read().split()
+            now[tid] = int(fields[-2], 16) if len(fields) >= 3 else None
+        if now == sps:
+            return
+        assert time.monotonic() < deadline, f"threads not back where they were captured: {now} != {sps}"
+        time.sleep(0.01)

@@ -237,6 +237,11 @@ def test_given_i386_target_then_the_kernel_compat_core_has_the_same_shape(
         allow_core_dump(target.pid)
         _capture(agent.address, target.pid, ours)
         checks.assert_thawed_and_undisturbed(target)
+        # The undisturbed check talks to the target: wait until every parked thread
+        # is back in the system call it was captured in (same esp) before the crash.
+        parked = {int(target.ready[r]): _regs(Core(ours).threads()[int(target.ready[r])][1])[ESP]
+                  for r in PARKED_ROLES}
+        checks.wait_parked_at(target.pid, parked)
         with kernel_cores(tmp_path) as cores:
             target.send_signal(signal.SIGSEGV)
             target.wait_exit(timeout=30)

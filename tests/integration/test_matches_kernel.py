@@ -25,7 +25,7 @@ import pytest
 from harness import checks
 from harness.capture import capture_file
 from harness.kernel_compare import (NT_PRSTATUS, NT_X86_XSAVE_LAYOUT, NT_X86_XSTATE,
-                                    assert_same_as_kernel)
+                                    CoreFile, assert_same_as_kernel)
 from harness.kernel_core import (CORE_PATTERN, CORE_USES_PID, allow_core_dump, cannot_check,
                                  kernel_cores, xsave_size)
 from harness.targets import Target
@@ -53,6 +53,12 @@ def test_same_headers_notes_and_loads_as_the_kernel(agent, build, tmp_path: Path
         allow_core_dump(target.pid)
         capture_file(agent.address, target.pid, ours)
         checks.assert_thawed_and_undisturbed(target)
+        # The undisturbed check talks to the target: wait until every parked thread
+        # is back in the system call it was captured in (same rsp) before the crash.
+        captured = CoreFile.read(ours).threads()
+        checks.wait_parked_at(target.pid, {
+            int(target.ready[r]): _pc_sp(captured[int(target.ready[r])][NT_PRSTATUS])[1]
+            for r in PARKED_ROLES})
         with kernel_cores(tmp_path) as cores:
             target.send_signal(signal.SIGSEGV)
             target.wait_exit(timeout=30)
