@@ -86,6 +86,9 @@ def _dump(args: argparse.Namespace) -> int:
     from .dump import write_full_core
     from .remote import open_capture
 
+    if args.with_files:
+        return _dump_with_files(args)
+
     out = Path(args.output or f"core.{args.pid}")
     t0 = time.monotonic()
     with open_capture(args.agent, args.pid, tls=_tls(args), start_time=args.start_time,
@@ -125,6 +128,37 @@ def _dump(args: argparse.Namespace) -> int:
         if unfrozen:
             print(f"warning: threads {unfrozen} did not stop in time; their registers are "
                   "zero in the core", file=sys.stderr)
+    return EXIT_OK
+
+
+def _dump_with_files(args: argparse.Namespace) -> int:
+    """dump --with-files -o DIR: core, sysroot of mapped files, gdbinit/lldbinit."""
+    from .bundle import write_bundle
+    from .dump import write_full_core
+    from .files import FileCache
+    from .partial import write_partial_core
+    from .remote import open_capture
+
+    if args.only == "notes":
+        raise CaptureError("--with-files needs a full or stacks capture (--only)")
+    out = Path(args.output or f"core.{args.pid}.d")
+    with open_capture(args.agent, args.pid, tls=_tls(args), start_time=args.start_time,
+                      mode=args.only, freeze_timeout_ms=args.freeze_timeout_ms,
+                      stack_bytes=args.stack_bytes, snapshot=args.snapshot,
+                      compression=args.wire_compression, wait_exclusive=args.wait) as core:
+        writer = write_full_core if args.only == "full" else write_partial_core
+        cache = FileCache()
+        result = write_bundle(core, out, lambda c, p: writer(c, p), cache)
+        lay, stats = core.layout, core.stats
+    if not args.quiet:
+        print(f"wrote {result.path}/: core of pid {lay.pid} ({lay.comm}), {result.files} "
+              f"mapped files in root/ ({result.fetched} fetched, {result.file_bytes} bytes; "
+              f"{result.files - result.fetched} from the cache), {stats.data_bytes} bytes "
+              f"of core transferred; debug with: gdb -x {result.path}/gdbinit",
+              file=sys.stderr)
+        if result.missing:
+            print(f"warning: not served by the agent: {', '.join(result.missing)}",
+                  file=sys.stderr)
     return EXIT_OK
 
 
@@ -227,6 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("dump", help="capture a core into a file")
     capture_args(d)
     d.add_argument("-o", "--output", help="core file to write (default core.PID)")
+    d.add_argument("--with-files", action="store_true",
+                   help="-o names a directory: the core, the files the target maps "
+                        "(root/), and gdbinit/lldbinit")
     d.add_argument("--only", choices=("full", "stacks", "notes"), default="full",
                    help="notes: threads, registers, mappings; stacks: notes + thread stacks")
     d.add_argument("--stack-bytes", type=int, default=0,

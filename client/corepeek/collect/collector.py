@@ -207,6 +207,8 @@ class Collector:
                     rec.threads = len(lay.threads)
                     rec.unfrozen_threads = [t.tid for t in lay.threads if not t.frozen]
                     rec.freeze_micros = int(lay.freeze_micros)
+                    rec.files = [{"path": f.path, "size": f.size, "build_id": f.build_id or None}
+                                 for f in lay.files if f.elf]
                     if cfg.mode == "full":
                         write_full_core(core, scratch,
                                         progress=lambda n: self.progress.received(m.agent, n))

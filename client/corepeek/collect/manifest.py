@@ -46,6 +46,9 @@ class CaptureRecord:
     freeze_micros: int | None = None   # the agent's time to stop every thread
     store_seconds: float | None = None
     attempts: int = 0
+    # The ELF files the target maps: path, size, GNU build-id (for debuginfod-
+    # style stores); with --with-files, where the run stored each (files/).
+    files: list[dict[str, Any]] | None = None
 
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
