@@ -63,11 +63,11 @@ def debugger_scripts(directory: Path, exe: str | None, lay: pb.CoreLayout
     head = (f"# corepeek: pid {lay.pid} ({lay.comm!r}), {lay.arch}, "
             f"{len(lay.threads)} threads\n")
     gdb = [head, f"set sysroot {_gdb_quote(root)}\n"]
-    lldb = [head, f"settings set target.exec-search-paths {_lldb_quote(root)}\n"]
+    # lldb resolves every module under a remote platform's sysroot
+    lldb = [head, f"platform select remote-linux --sysroot {_lldb_quote(root)}\n"]
     if exe is not None:
         gdb.append(f"file {_gdb_quote(root + exe)}\n")
         lldb.append(f"target create --core {_lldb_quote(core)} {_lldb_quote(root + exe)}\n")
-        lldb.append(f"target modules search-paths add / {_lldb_quote(root + '/')}\n")
     else:
         lldb.append(f"target create --core {_lldb_quote(core)}\n")
     gdb.append(f"core-file {_gdb_quote(core)}\n")
@@ -99,6 +99,16 @@ def library_aliases(core: RemoteCore) -> list[tuple[str, int]]:
         if obj.name.startswith("/") and fid and paths.get(fid) != obj.name:
             out.append((obj.name, fid))
     return out
+
+
+def _mkdirs(base: Path, rel: Path) -> Path:
+    """base/rel, each directory created 0700 (base is this dump's own new directory)."""
+    path = base
+    for part in rel.parts:
+        path = path / part
+        if not os.path.isdir(path):
+            os.mkdir(path, 0o700)
+    return path
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -142,15 +152,13 @@ def write_bundle(core: RemoteCore, out: Path, write_core: WriteCore,
             if f.id not in readable:
                 result.missing.append(f.path)
                 continue
-            dest = root / rel
-            dest.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            dest = _mkdirs(root, rel.parent) / rel.name
             if os.path.lexists(dest):
                 continue                # two inodes once at one path: the first wins
             result.fetched += obtain(core, f, cache, dest)
             result.files += 1
             if f.build_id:              # DIR/.build-id/ab/cdef...: for elfutils, debuginfod
-                link = tmp / ".build-id" / f.build_id[:2] / f.build_id[2:]
-                link.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                link = _mkdirs(tmp, Path(".build-id", f.build_id[:2])) / f.build_id[2:]
                 if not os.path.lexists(link):
                     os.link(dest, link)
             if exe_file is not None and f.id == exe_file.id:
@@ -159,7 +167,7 @@ def write_bundle(core: RemoteCore, out: Path, write_core: WriteCore,
         for name, fid in library_aliases(core):
             alias = root / sysroot_relative(name)
             if fid in placed and placed[fid].exists() and not os.path.lexists(alias):
-                alias.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                _mkdirs(root, alias.parent.relative_to(root))
                 os.link(placed[fid], alias)
         write_core(core, tmp / "core")
         os.chmod(tmp / "core", 0o600)

@@ -182,7 +182,7 @@ def test_dump_with_files_debugs_anywhere(agent, private_target, tmp_path: Path) 
     root = out / "root"
     lib, exe = root / str(t.mnt)[1:] / "libprivlib.so", root / str(t.mnt)[1:] / "privns"
     assert (_file_build_id(lib), _file_build_id(exe)) == (ids["lib"], ids["exe"])
-    for p in (out, root, lib.parent):
+    for p in (out, root, lib.parent, root / "tmp", out / ".build-id"):
         assert p.stat().st_mode & 0o777 == 0o700, p
     for p in (out / "core", out / "gdbinit", out / "lldbinit", lib, exe):
         assert p.stat().st_mode & 0o777 == 0o600, p
@@ -201,6 +201,16 @@ def test_dump_with_files_debugs_anywhere(agent, private_target, tmp_path: Path) 
                         capture_output=True, text=True, env=TOOL_ENV, timeout=60).stdout
     assert eu.count("priv_sleep_deep") == WORKERS, eu
     assert "cp_control_loop" in eu and "cp_heartbeat" in eu, eu
+    # lldb with nothing but the bundle
+    text = subprocess.run(["lldb", "--batch", "--no-lldbinit", "-s", str(out / "lldbinit"),
+                           "-o", "thread backtrace all"], capture_output=True, text=True,
+                          env=TOOL_ENV, timeout=120).stdout
+    threads = text.split("thread #")[1:]
+    assert len(threads) == len(t.tids()), text
+    assert sum("libprivlib.so`priv_sleep_deep" in th and "libprivlib.so`priv_worker" in th
+               for th in threads) == WORKERS, text
+    assert all("privns`cp_" in th or "privns`main" in th for th in threads
+               if "priv_sleep_deep" not in th), text
     # a second bundle: the files come from the cache, none crosses the wire
     res2 = corepeek("dump", "--agent", agent.address, str(t.pid), "--with-files", "-o",
                     str(tmp_path / "bundle2"), env={"XDG_CACHE_HOME": str(cache)})
