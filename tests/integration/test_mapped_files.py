@@ -245,3 +245,48 @@ def test_notes_shows_paths_and_build_ids(agent, private_target) -> None:
     text = corepeek("notes", "--agent", agent.address, str(t.pid)).stdout
     assert f"{ids['exe']}  {t.mnt}/privns" in text
     assert_thawed_and_undisturbed(t)
+
+
+def test_policy_mode_budget_and_audit_apply_to_file_reads(private_target, tmp_path: Path) -> None:
+    """An identity allowed notes only never opens a stacks session (so never
+    reads a file); file bytes count against the session's budget and in the
+    audit line."""
+    from harness.agents import start_agent, stop_agent
+    from security_util import wait_audit, write_policy
+
+    t, _ = private_target
+    budget = 64 * 1024
+    policy = write_policy(tmp_path / "policy.yaml", {"version": 1, "rules": [
+        {"name": "notes-only", "clients": ["local"], "targets": {"comm": ["privns"]},
+         "modes": ["notes"]},
+        {"name": "stacks-small", "clients": ["local"], "targets": {"comm": ["sh"]},
+         "modes": ["stacks"], "budget": budget}]})
+    a = start_agent(tmp_path, "--policy", str(policy), "--audit-log", str(tmp_path / "audit"),
+                    "--sessions-per-minute", "0")
+    try:
+        with pytest.raises(CaptureError, match="PERMISSION_DENIED"):
+            open_capture(a.address, t.pid, mode="stacks")
+        with open_capture(a.address, t.pid, mode="notes") as core:
+            assert any(f.path.endswith("libprivlib.so") for f in core.layout.files)
+            assert not any(f.readable for f in core.layout.files)
+            with pytest.raises(CaptureError, match="PERMISSION_DENIED"):
+                core.read_file(1, 0, 1)
+        line = wait_audit(tmp_path / "audit", pid=t.pid)
+        assert line["file_bytes"] == 0
+        # a shell whose rule has a small budget: files count against it
+        sh = subprocess.Popen(["sh", "-c", "read x"], stdin=subprocess.PIPE)
+        try:
+            with open_capture(a.address, sh.pid, mode="stacks") as core:
+                exe = next(f for f in core.layout.files if f.readable and f.size > budget)
+                assert len(core.read_file(exe.id, 0, 4096)) == 4096
+                with pytest.raises(CaptureError, match="RESOURCE_EXHAUSTED"):
+                    core.read_file(exe.id, 0, exe.size)
+            line = wait_audit(tmp_path / "audit", pid=sh.pid)
+            assert line["code"] == "RESOURCE_EXHAUSTED"
+            assert 4096 <= line["file_bytes"] <= budget and line["files_read"] == 1
+        finally:
+            sh.kill()
+            sh.wait()
+    finally:
+        stop_agent(a)
+    assert_thawed_and_undisturbed(t)
