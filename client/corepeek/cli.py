@@ -285,7 +285,71 @@ def build_parser() -> argparse.ArgumentParser:
     n.set_defaults(func=_notes)
 
     _add_collect_parser(sub)
+    _add_mount_parsers(sub, capture_args)
     return p
+
+
+# -- mount, debug (docs/remote-debugging.md) ----------------------------------------------
+
+def _mount(args: argparse.Namespace) -> int:
+    from .files import FileCache
+    from .mount import mount
+    from .remote import open_capture
+
+    mnt = Path(args.mountpoint)
+    if not mnt.is_dir():
+        raise CaptureError(f"{mnt} is not a directory")
+    with open_capture(args.agent, args.pid, tls=_tls(args), start_time=args.start_time,
+                      mode=args.only, freeze_timeout_ms=args.freeze_timeout_ms,
+                      snapshot=args.snapshot) as core:
+        if not args.quiet:
+            print(f"mounted pid {args.pid} ({core.layout.comm}) at {mnt}: gdb -x {mnt}/gdbinit; "
+                  f"unmount with fusermount3 -u {mnt}", file=sys.stderr)
+        fs = mount(core, mnt, cache=FileCache(), readahead=args.readahead)
+        stats = core.stats
+    if not args.quiet:
+        print(f"unmounted: {stats.data_bytes} bytes of core and {stats.file_bytes} bytes of "
+              f"files fetched in {stats.requests} requests; the target runs"
+              + (f" (reads failed: {fs.failed})" if fs.failed else ""), file=sys.stderr)
+    return EXIT_ERROR if fs.failed else EXIT_OK
+
+
+def _debug(args: argparse.Namespace) -> int:
+    from .debugrun import run_debug
+
+    argv = ["--agent", args.agent, "--timeout", str(args.timeout), str(args.pid),
+            "--start-time", str(args.start_time), "--only", args.only]
+    for name in ("tls_ca", "tls_cert", "tls_key", "tls_server_name"):
+        if getattr(args, name):
+            argv += ["--" + name.replace("_", "-"), getattr(args, name)]
+    if args.snapshot:
+        argv.append("--snapshot")
+    extra = args.debugger_args[1:] if args.debugger_args[:1] == ["--"] else args.debugger_args
+    return run_debug(argv, args.debugger, extra)
+
+
+def _add_mount_parsers(sub: argparse._SubParsersAction,  # type: ignore[type-arg]
+                       capture_args) -> None:  # type: ignore[no-untyped-def]
+    from .mount import DEFAULT_READAHEAD
+
+    m = sub.add_parser("mount", help="a live process as a directory: core, root/, gdbinit (FUSE)")
+    capture_args(m)
+    m.add_argument("mountpoint")
+    m.add_argument("--only", choices=("full", "stacks"), default="full")
+    m.add_argument("--snapshot", action="store_true",
+                   help="freeze only while a copy-on-write clone is made, serve the clone")
+    m.add_argument("--readahead", type=int, default=DEFAULT_READAHEAD,
+                   help=f"bytes fetched per core miss (default {DEFAULT_READAHEAD})")
+    m.set_defaults(func=_mount)
+
+    g = sub.add_parser("debug", help="mount privately, run a debugger on it, unmount")
+    capture_args(g)
+    g.add_argument("--debugger", choices=("gdb", "lldb", "drgn"), default="gdb")
+    g.add_argument("--only", choices=("full", "stacks"), default="full")
+    g.add_argument("--snapshot", action="store_true")
+    g.add_argument("debugger_args", nargs=argparse.REMAINDER,
+                   help="-- then arguments for the debugger")
+    g.set_defaults(func=_debug)
 
 
 # -- collect (docs/fleet.md) ------------------------------------------------------------
