@@ -29,10 +29,8 @@ def debugger_command(debugger: str, mnt: Path, extra: Sequence[str]) -> list[str
         return ["gdb", "-q", "-x", str(mnt / "gdbinit"), *extra]
     if debugger == "lldb":
         return ["lldb", "-s", str(mnt / "lldbinit"), *extra]
-    if debugger == "drgn":
-        symbols = [str(p) for p in sorted((mnt / "root").rglob("*")) if p.is_file()]
-        return ["drgn", "-c", str(mnt / "core"), "--no-default-symbols",
-                *[a for s in symbols for a in ("-s", s)], *extra]
+    if debugger == "drgn":              # finds the files in MNT/.build-id by build-id
+        return ["drgn", "-c", str(mnt / "core"), "--debug-directory", str(mnt), *extra]
     raise CaptureError(f"unknown debugger {debugger!r} (one of {', '.join(DEBUGGERS)})")
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -141,5 +142,32 @@ def test_debug_runs_gdb_on_a_private_mount_and_unmounts(agent, private_target,
     _assert_every_thread_named(_backtraces(res.stdout), t, res.stdout)
     assert "corepeek-debug-" not in subprocess.run(["mount"], capture_output=True,
                                                    text=True).stdout
+    wait_thawed(t)
+    assert_thawed_and_undisturbed(t)
+
+
+DRGN_SCRIPT = """
+for t in prog.threads():
+    print("THREAD", t.tid)
+    print(t.stack_trace())
+"""
+
+
+def test_drgn_lists_every_threads_stack_through_debug(agent, private_target,
+                                                      tmp_path: Path) -> None:
+    t, _ = private_target
+    if shutil.which("drgn") is None:
+        pytest.fail("drgn is not installed (pip install 'corepeek[drgn]')")
+    res = subprocess.run(
+        [sys.executable, "-m", "corepeek", "debug", "--debugger", "drgn", "--agent",
+         agent.address, str(t.pid), "--", "-q", "-e", DRGN_SCRIPT], capture_output=True,
+        text=True, timeout=300, stdin=subprocess.DEVNULL,
+        env={**os.environ, **TOOL_ENV, "XDG_CACHE_HOME": str(tmp_path / "cache")})
+    assert res.returncode == 0, res.stderr
+    threads = res.stdout.split("THREAD ")[1:]
+    assert sorted(int(th.split()[0]) for th in threads) == sorted(t.tids()), res.stdout
+    assert sum("priv_sleep_deep" in th and "priv_worker" in th for th in threads) == WORKERS
+    assert all(re.search(r"\b(main|cp_\w+) \(", th) for th in threads
+               if "priv_sleep_deep" not in th), res.stdout
     wait_thawed(t)
     assert_thawed_and_undisturbed(t)
