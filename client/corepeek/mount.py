@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 # stacks and link maps in small pieces; 128 KiB windows fetch a few times
 # less than 1 MiB ones for about the same time.
 DEFAULT_READAHEAD = 128 * 1024
+FUSE_MAIN_LOOP_ENDED = 8
 
 
 @dataclass
@@ -217,6 +218,13 @@ def mount(core: RemoteCore, mountpoint: Path, *, cache: FileCache | None = None,
     try:
         mfusepy.FUSE(ops, str(mountpoint), foreground=True, ro=True, fsname="corepeek",
                      subtype="corepeek", default_permissions=True)
+    except RuntimeError as exc:
+        # fuse_main's status: 8 is "the loop ended on a signal" (SIGINT, SIGTERM)
+        # as well as a loop failure; anything else is a failed mount.
+        status = exc.args[0] if exc.args else None
+        if status != FUSE_MAIN_LOOP_ENDED:
+            raise CaptureError(f"cannot mount at {mountpoint} (libfuse status {status})") from None
+        log.info("the FUSE loop ended on a signal")
     finally:
         fs.close()
     return fs

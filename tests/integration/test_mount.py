@@ -171,3 +171,61 @@ def test_drgn_lists_every_threads_stack_through_debug(agent, private_target,
                if "priv_sleep_deep" not in th), res.stdout
     wait_thawed(t)
     assert_thawed_and_undisturbed(t)
+
+
+def test_sigint_ends_the_mount_even_with_a_reader_holding_the_core(mounted) -> None:
+    """A reader that keeps the core open (stalls) does not keep the target frozen:
+    SIGINT unmounts and ends the capture."""
+    m, t, _ = mounted
+    fd = os.open(m.mnt / "core", os.O_RDONLY)
+    try:
+        assert os.pread(fd, 4, 0) == b"\x7fELF"
+        assert set(t.thread_states().values()) == {"t"}
+        m.proc.send_signal(signal.SIGINT)
+        _, err = m.proc.communicate(timeout=20)
+        assert m.proc.returncode == 0 and "unmounted:" in err, err
+        wait_thawed(t)
+        with pytest.raises(OSError):
+            os.pread(fd, 4096, 1 << 20)
+    finally:
+        try:
+            os.close(fd)
+        except OSError:
+            pass                        # ENOTCONN: the filesystem is gone
+    assert not os.path.ismount(m.mnt)
+    assert_thawed_and_undisturbed(t)
+
+
+def test_target_exiting_while_mounted_gives_eio(agent, build, tmp_path: Path) -> None:
+    from harness.targets import Target
+
+    with Target(build("threads")) as t:
+        m = Mounted(agent.address, t.pid, tmp_path / "mnt", tmp_path / "cache")
+        try:
+            with open(m.mnt / "core", "rb") as f:
+                assert f.read(4) == b"\x7fELF"
+                t.send_signal(signal.SIGKILL)   # a traced thread group dies as zombies
+                deadline = time.monotonic() + 10
+                while t.state() not in ("Z", "X", "") and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                t0 = time.monotonic()
+                with pytest.raises(OSError) as err:
+                    f.seek(int(t.ready["heap_addr"]) % (1 << 20) + 4096 * 16)
+                    f.read(1 << 20)
+                    f.seek((m.mnt / "core").stat().st_size - 4096)
+                    f.read(4096)
+                assert err.value.errno == 5 and time.monotonic() - t0 < 5
+            err_text = m.unmount()
+            assert m.proc.returncode == 1 and "NOT_FOUND" in err_text, err_text
+        finally:
+            m.close()
+    # the agent serves the next capture as before
+    with Target(build("threads")) as t2:
+        m2 = Mounted(agent.address, t2.pid, tmp_path / "mnt2", tmp_path / "cache")
+        try:
+            assert (m2.mnt / "core").open("rb").read(4) == b"\x7fELF"
+            m2.unmount()
+        finally:
+            m2.close()
+        wait_thawed(t2)
+        assert_thawed_and_undisturbed(t2)
