@@ -36,12 +36,12 @@ def sysroot_relative(path: str) -> PurePosixPath:
     The path comes from the agent: "..", "." and empty components are refused
     so that no file can be written outside the sysroot.
     """
-    parts = PurePosixPath(path).parts
-    if not path.startswith("/") or len(parts) < 2 or any(
+    parts = path.split("/")[1:]
+    if not path.startswith("/") or any(
             p in ("..", ".", "") or any(ord(c) < 0x20 or c == "\x7f" for c in p)
-            for p in parts[1:]):
+            for p in parts):
         raise CaptureError(f"the agent listed a mapped file with an unusable path {path!r}")
-    return PurePosixPath(*parts[1:])
+    return PurePosixPath(*parts)
 
 
 def file_build_id(path: Path) -> str:
