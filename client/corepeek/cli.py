@@ -388,6 +388,7 @@ def _collect(args: argparse.Namespace) -> int:
                         per_host=args.per_host, retries=args.retries,
                         list_timeout=args.timeout, freeze_timeout_ms=args.freeze_timeout_ms,
                         stack_bytes=args.stack_bytes, tls=_tls(args),
+                        with_files=args.with_files,
                         s3_endpoint_url=args.s3_endpoint_url)
     result = collect(cfg, progress=Progress(show))
     summary = result.manifest["summary"]
@@ -437,6 +438,9 @@ def _add_collect_parser(sub: argparse._SubParsersAction) -> None:  # type: ignor
     c.add_argument("--out", help="directory (default ./corepeek-collect-UTCTIME) or "
                    "s3://bucket/prefix")
     c.add_argument("--compress", action="store_true", help="zstd-compress each core (.zst)")
+    c.add_argument("--with-files", action="store_true",
+                   help="also store the ELF files the targets map, once per build-id per run "
+                   "(files/BUILD-ID; the manifest's files maps build-ids to them)")
     c.add_argument("--compress-level", type=int, default=3)
     c.add_argument("--wire-compression", choices=("none", "zstd"), default="none",
                    help="compress memory on the wire (for slow links; costs agent CPU)")

@@ -290,3 +290,37 @@ def test_policy_mode_budget_and_audit_apply_to_file_reads(private_target, tmp_pa
     finally:
         stop_agent(a)
     assert_thawed_and_undisturbed(t)
+
+
+def test_collect_with_files_stores_each_build_id_once(agent, build, require_root,
+                                                      tmp_path: Path) -> None:
+    """Two targets of one program: one core each, their libraries once per run,
+    and the manifest points each capture's files to them by build-id."""
+    from harness.targets import Target
+
+    exe = build("threads")
+    with Target(exe) as t1, Target(exe) as t2:
+        out = tmp_path / "run"
+        res = corepeek("collect", "--agents", agent.address, "--comm", exe.name[:15],
+                       "--only", "stacks", "--with-files", "--out", str(out),
+                       "--concurrency", "2", env={"XDG_CACHE_HOME": str(tmp_path / "cache")})
+        assert res.returncode == 0, res.stderr
+        assert_thawed_and_undisturbed(t1)
+        assert_thawed_and_undisturbed(t2)
+    doc = json.loads((out / "manifest.json").read_text())
+    caps = doc["captures"]
+    assert sorted(c["pid"] for c in caps) == sorted([t1.pid, t2.pid])
+    stored = doc["files"]
+    exe_id = _file_build_id(exe)
+    libc = Path("/lib/x86_64-linux-gnu/libc.so.6").resolve()
+    assert exe_id in stored and _file_build_id(libc) in stored
+    for c in caps:
+        ids = {f["build_id"] for f in c["files"]}
+        assert exe_id in ids and ids <= set(stored)
+    for bid, where in stored.items():
+        path = out / where["path"]
+        assert path.name == bid and _file_build_id(path) == bid
+        assert path.stat().st_size == where["size"] == where["bytes"]
+        assert path.stat().st_mode & 0o777 == 0o600
+    assert len(list((out / "files").iterdir())) == len(stored)      # once each
+    assert (out / "files" / exe_id).read_bytes() == exe.read_bytes()

@@ -92,6 +92,13 @@ def test_gdb_through_the_mount_names_every_frame_and_reads_the_heap(mounted) -> 
     eu = subprocess.run(["eu-stack", f"--core={mnt / 'core'}", f"--debuginfo-path={mnt}"],
                         capture_output=True, text=True, env=TOOL_ENV, timeout=120).stdout
     assert eu.count("priv_sleep_deep") == WORKERS, eu
+    # lldb through the mount's lldbinit
+    text = subprocess.run(["lldb", "--batch", "--no-lldbinit", "-s", str(mnt / "lldbinit"),
+                           "-o", "thread backtrace all"], capture_output=True, text=True,
+                          env=TOOL_ENV, timeout=180).stdout
+    threads = text.split("thread #")[1:]
+    assert len(threads) == len(t.tids()), text
+    assert sum("libprivlib.so`priv_sleep_deep" in th for th in threads) == WORKERS, text
     err = m.unmount()
     assert m.proc.returncode == 0, err
     fetched = int(re.search(r"unmounted: (\d+) bytes of core", err).group(1))
@@ -229,3 +236,19 @@ def test_target_exiting_while_mounted_gives_eio(agent, build, tmp_path: Path) ->
             m2.close()
         wait_thawed(t2)
         assert_thawed_and_undisturbed(t2)
+
+
+def test_a_snapshot_mount_lets_the_target_run(agent, private_target, tmp_path: Path) -> None:
+    t, _ = private_target
+    m = Mounted(agent.address, t.pid, tmp_path / "mnt", tmp_path / "cache", "--snapshot")
+    try:
+        wait_thawed(t)                  # running while mounted: the clone is served
+        before = t.status()["heartbeat"]
+        text = _gdb(m.mnt, "thread apply all bt")
+        _assert_every_thread_named(_backtraces(text), t, text)
+        assert t.status()["heartbeat"] > before
+        err = m.unmount()
+        assert m.proc.returncode == 0, err
+    finally:
+        m.close()
+    assert_thawed_and_undisturbed(t)

@@ -53,6 +53,9 @@ class CollectConfig:
     s3_endpoint_url: str | None = None
     backoff_base: float = 0.5
     backoff_cap: float = 8.0
+    # Also store the ELF files the targets map, each build-id once per run
+    # (files/<build-id>), for debuggers and debuginfod-style stores.
+    with_files: bool = False
 
 
 @dataclass
@@ -127,6 +130,9 @@ class Collector:
         self.sink = sink or self._make_sink()
         self.channels = _Channels(cfg.tls)
         self.names = NameClaims([MANIFEST_NAME])
+        self._files_lock = threading.Lock()
+        self._files_claimed: set[str] = set()
+        self.stored_files: dict[str, dict[str, Any]] = {}     # build-id -> where it is
 
     def _make_sink(self) -> Sink:
         out = self.cfg.out or default_out_dir(self.now())
@@ -216,6 +222,8 @@ class Collector:
                         write_partial_core(core, scratch, stack_bytes=cfg.stack_bytes)
                         self.progress.received(m.agent, core.stats.data_bytes)
                     rec.wire_bytes = core.stats.wire_bytes
+                    if cfg.with_files:
+                        self._store_files(core)
                 rec.seconds = time.monotonic() - t0      # closed: the target is thawed
                 rec.core_bytes = scratch.stat().st_size
                 t1 = time.monotonic()
@@ -240,6 +248,35 @@ class Collector:
                 rec.error, rec.code = _error_text(exc)
             self.sink.discard(scratch)
             return rec
+
+    def _store_files(self, core: Any) -> None:
+        """Store the ELF files ``core``'s target maps that no capture of this run
+        stored yet (one per build-id); a failure loses the file, not the capture."""
+        from ..files import FileCache, debug_files, obtain
+
+        for f in debug_files(core.layout):
+            bid = f.build_id
+            with self._files_lock:
+                if not bid or bid in self._files_claimed:
+                    continue
+                self._files_claimed.add(bid)
+            scratch = self.sink.scratch(f"file-{bid}")
+            try:
+                scratch.unlink(missing_ok=True)
+                obtain(core, f, FileCache(), scratch)
+                stored = self.sink.store(scratch, f"files/{bid}", False)
+            except (CaptureError, OSError) as exc:
+                log.warning("mapped file %s (%s) not stored: %s", f.path, bid, exc)
+                self.sink.discard(scratch)
+                with self._files_lock:
+                    self._files_claimed.discard(bid)
+                if isinstance(exc, CaptureError):
+                    raise                       # the stream is over: the capture failed
+                continue
+            with self._files_lock:
+                self.stored_files[bid] = {"path": stored.path, "size": f.size,
+                                          "bytes": stored.bytes, "sha256": stored.sha256,
+                                          "name": f.path}
 
     def _failed(self, m: Match, exc: BaseException) -> CaptureRecord:
         text, code = _error_text(exc)
@@ -286,7 +323,8 @@ class Collector:
         manifest = build_manifest(started=started, finished=self.now(),
                                   selection=cfg.selection, mode=cfg.mode,
                                   compress=cfg.compress, destination=self.sink.destination,
-                                  agents=agents, captures=records)
+                                  agents=agents, captures=records,
+                                  files=self.stored_files if cfg.with_files else None)
         try:
             path = self.sink.write_manifest(manifest)
         finally:

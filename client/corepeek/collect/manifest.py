@@ -74,13 +74,15 @@ def iso_utc(when: datetime) -> str:
 
 def build_manifest(*, started: datetime, finished: datetime, selection: Selection, mode: str,
                    compress: bool, destination: str, agents: Sequence[AgentResult],
-                   captures: Sequence[CaptureRecord]) -> dict[str, Any]:
-    """The manifest document: the captures (unreachable agents first), the agents, a summary."""
+                   captures: Sequence[CaptureRecord],
+                   files: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The manifest document: the captures (unreachable agents first), the agents, a
+    summary; with ``files`` (collect --with-files), where each build-id was stored."""
     entries = [unreachable_record(a) for a in agents if not a.ok] + list(captures)
     entries.sort(key=lambda r: (r.status != "error" or r.pid is not None, r.host or "",
                                 r.agent, r.pid or 0))
     ok = [r for r in entries if r.status == "ok"]
-    return {
+    doc = {
         "version": MANIFEST_VERSION,
         "tool": f"corepeek collect {_version()}",
         "started": iso_utc(started),
@@ -97,6 +99,9 @@ def build_manifest(*, started: datetime, finished: datetime, selection: Selectio
         "agents": [a.to_json() for a in agents],
         "captures": [r.to_json() for r in entries],
     }
+    if files is not None:
+        doc["files"] = dict(sorted(files.items()))
+    return doc
 
 
 def _version() -> str:

@@ -127,6 +127,7 @@ class DirSink:
 
     def store(self, scratch: Path, name: str, compress: bool, level: int = 3) -> Stored:
         final = self.dir / name
+        final.parent.mkdir(mode=0o700, exist_ok=True)       # files/ (collect --with-files)
         if compress:
             part = self.dir / f".{name}.part"
             size, sha = zstd_compress(scratch, part, level)
