@@ -362,7 +362,9 @@ class RemoteCore:
                 c = resp.file_chunk
                 if resp.WhichOneof("response") != "file_chunk" or c.request_id != rid:
                     if resp.WhichOneof("response") == "chunk" and resp.chunk.request_id in self._stale:
-                        continue                    # left over by an abandoned core read
+                        if resp.chunk.last:         # left over by an abandoned core read
+                            self._stale.discard(resp.chunk.request_id)
+                        continue
                     raise CaptureError("protocol error: expected a file chunk")
                 out += c.data
                 self.stats.file_bytes += len(c.data)
