@@ -409,6 +409,11 @@ class CoreCaptureServicer(pb_grpc.CoreCaptureServiceServicer):
             if not context.add_callback(session.leave):
                 return                      # the RPC already ended
             session.open()
+            if options.mode != MODE_NOTES and session.hold is not None and session.hold.closing:
+                # The stream ended while the target was being frozen: its leave
+                # ran before there was a freeze to let go, so nobody else will.
+                session.thaw()
+                return
             if options.mode == MODE_NOTES:
                 # Thawed already: the stream keeps neither the pid nor a slot.
                 self.registry.remove(session)
