@@ -16,11 +16,12 @@ if [ "$(id -u)" -ne 0 ]; then
   exit 2
 fi
 
-echo "== apt packages (Python, compilers, gdb, elfutils, lldb, iproute2)"
+echo "== apt packages (Python, compilers, gdb, elfutils, lldb, iproute2, FUSE 3)"
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends \
   python3 python3-pip python3-venv ca-certificates \
-  gcc gcc-multilib libc6-dev-i386 gdb elfutils lldb iproute2 procps systemd apparmor >/dev/null
+  gcc gcc-multilib libc6-dev-i386 gdb elfutils lldb iproute2 procps systemd apparmor \
+  fuse3 libfuse3-3 >/dev/null
 
 python3 - <<'PY'
 import sys

@@ -218,8 +218,16 @@ def summarize(core: RemoteCore) -> dict[str, Any]:
         "freeze_micros": lay.freeze_micros, "core_size": lay.total_size,
         "process": process, "signal": siginfo, "threads": out_threads, "auxv": auxv,
         "mappings": mappings, "notes": note_counts,
+        "files": mapped_files(lay),
         "bytes_fetched": core.stats.data_bytes,
     }
+
+
+def mapped_files(lay: pb.CoreLayout) -> list[dict[str, Any]]:
+    """The files the target maps (once per inode): path, size, GNU build-id."""
+    return [{"id": f.id, "path": f.path, "size": f.size, "build_id": f.build_id or None,
+             "elf": f.elf, "deleted": f.deleted, "readable": f.readable}
+            for f in lay.files]
 
 
 def render_text(summary: dict[str, Any]) -> str:
@@ -268,6 +276,13 @@ def render_text(summary: dict[str, Any]) -> str:
                                   else "")
         lines.append(f"  {m['start']:>18} {m['end']:>18} {m['perms']:4} {_size(m['size']):>10} "
                      f"{_size(m['in_core']):>10} {m['offset']:>#10x}  {name}")
+    if s.get("files"):
+        lines.append("")
+        lines.append("files:")
+        lines.append(f"  {'SIZE':>10} {'BUILD-ID':40}  PATH")
+        for f in s["files"]:
+            lines.append(f"  {_size(f['size']):>10} {f['build_id'] or '-':40}  {f['path']}"
+                         + ("  (deleted)" if f["deleted"] else ""))
     if s.get("auxv"):
         lines.append("")
         keys = ("AT_ENTRY", "AT_BASE", "AT_PHDR", "AT_SYSINFO_EHDR", "AT_PAGESZ", "AT_SECURE")

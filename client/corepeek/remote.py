@@ -59,6 +59,7 @@ class TransferStats:
     hole_bytes: int = 0
     messages: int = 0
     wire_bytes: int = 0             # data payload as it crossed the wire (compressed)
+    file_bytes: int = 0             # mapped-file bytes received (read_file)
     _ranges: list[tuple[int, int]] = field(default_factory=list, repr=False)
 
     def record(self, offset: int, length: int) -> None:
@@ -340,6 +341,37 @@ class RemoteCore:
                         send_next()
             finally:
                 self._stale.update(rid for rid, _, _ in pending)
+
+    def read_file(self, file_id: int, offset: int, length: int) -> bytes:
+        """Bytes [offset, offset + length) of mapped file ``file_id``
+        (``layout.files``); short at the end of the file."""
+        with self._lock:
+            if self._closed:
+                raise CaptureError("the capture is closed")
+            rid = next(self._ids)
+            self.stats.requests += 1
+            self._requests.put(pb.CaptureRequest(read_file=pb.ReadFile(
+                file=file_id, offset=offset, length=length, request_id=rid)))
+            out = bytearray()
+            while True:
+                try:
+                    raw = next(self._call)
+                except StopIteration:
+                    raise CaptureError("the agent ended the capture stream unexpectedly") from None
+                except grpc.RpcError as exc:
+                    raise CaptureError.from_rpc(exc, f"read of mapped file {file_id}") from None
+                resp = _decode_response(raw)
+                c = resp.file_chunk
+                if resp.WhichOneof("response") != "file_chunk" or c.request_id != rid:
+                    if resp.WhichOneof("response") == "chunk" and resp.chunk.request_id in self._stale:
+                        if resp.chunk.last:         # left over by an abandoned core read
+                            self._stale.discard(resp.chunk.request_id)
+                        continue
+                    raise CaptureError("protocol error: expected a file chunk")
+                out += c.data
+                self.stats.file_bytes += len(c.data)
+                if c.last:
+                    return bytes(out)
 
     def read_bytes(self, offset: int, length: int) -> bytes:
         """Read a range into memory (holes become zeros); short at end of file."""

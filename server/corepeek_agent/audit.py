@@ -70,6 +70,9 @@ class SessionRecord:
     ranges: RangeSet = field(default_factory=RangeSet)
     data_bytes: int = 0
     hole_bytes: int = 0
+    # Mapped files read (read_file): bytes, and the ids of the files read.
+    file_bytes: int = 0
+    files_read: set[int] = field(default_factory=set)
     requests: int = 0
     freeze_seconds: float = 0.0       # from the freeze until the thaw
     stop_micros: int = 0              # time the agent took to stop every thread
@@ -116,6 +119,7 @@ class SessionRecord:
                 "ranges": [list(r) for r in ranges[:MAX_RANGES]],
                 "ranges_total": len(ranges), "requests": self.requests,
                 "data_bytes": self.data_bytes, "hole_bytes": self.hole_bytes,
+                "file_bytes": self.file_bytes, "files_read": len(self.files_read),
                 "freeze_seconds": round(self.freeze_seconds, 6),
                 "stop_micros": self.stop_micros,
                 "freeze_id": self.freeze_id or self.session_id,

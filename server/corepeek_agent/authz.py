@@ -291,6 +291,12 @@ class CaptureGuard:
             self.budget.charge(length)
         self.record.served(offset, length, hole)
 
+    def serve_file(self, file_id: int, length: int) -> None:
+        """Account bytes of a mapped file before they are sent: the same budget."""
+        self.budget.charge(length)
+        self.record.file_bytes += length
+        self.record.files_read.add(file_id)
+
     def failed(self, code: grpc.StatusCode, details: str) -> None:
         outcome = {grpc.StatusCode.PERMISSION_DENIED: "refused",
                    grpc.StatusCode.RESOURCE_EXHAUSTED: "refused",

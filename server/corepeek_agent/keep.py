@@ -12,10 +12,11 @@ from typing import Any
 
 from corepeek.v1 import capture_pb2 as pb
 
+from corepeek_format.buildid import build_id
+
 from . import procfs
 from .authz import CaptureGuard
 from .session import MODE_FULL, CaptureSession
-from .store.buildid import build_id
 from .store.frames import FrameWriter
 from .store.index import Entry
 from .store.store import Store
@@ -55,7 +56,8 @@ def build_ids(pid: int, layout: pb.CoreLayout) -> list[dict[str, str]]:
     out: dict[str, str] = {}
     for seg in layout.segments:
         if seg.name.startswith("/") and seg.file_page_offset == 0 and seg.name not in out:
-            bid = build_id(procfs.map_file_head(pid, seg.vaddr, seg.vaddr + seg.mem_size))
+            head = procfs.map_file_head(pid, seg.vaddr, seg.vaddr + seg.mem_size)
+            bid = build_id(lambda off, n, head=head: head[off:off + n])
             if bid:
                 out[seg.name] = bid
     return [{"path": p, "build_id": b} for p, b in out.items()]

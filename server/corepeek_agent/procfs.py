@@ -338,3 +338,51 @@ def foreign_tracer(pid: int) -> tuple[int, int, str] | None:
 def uid_gid(pid: int) -> tuple[int, int]:
     st = status(pid)
     return int(st["Uid"].split()[0]), int(st["Gid"].split()[0])
+
+
+# -- mapped files (mapped_files.py) ------------------------------------------------
+
+def map_devices(pid: int, tid: int | None = None) -> dict[int, int]:
+    """VMA start -> st_dev of its file, from the maps line's major:minor."""
+    base = f"/proc/{pid}" if tid is None else f"/proc/{pid}/task/{tid}"
+    out: dict[int, int] = {}
+    for line in _read(f"{base}/maps").decode(errors="surrogateescape").splitlines():
+        m = _MAPS_LINE.match(line)
+        if m and m.group(6) != "0":
+            major, _, minor = m.group(5).partition(":")
+            out[int(m.group(1), 16)] = os.makedev(int(major, 16), int(minor, 16))
+    return out
+
+
+def open_mapped_file(pid: int, start: int, end: int, dev: int, ino: int,
+                     path: str) -> int | None:
+    """A read-only fd on the regular file with inode (dev, ino) that ``pid``
+    maps at [start, end), or None.
+
+    Through /proc/PID/map_files (the inode actually mapped, even deleted or in
+    another mount namespace; needs CAP_CHECKPOINT_RESTORE), else through
+    /proc/PID/root/PATH.  Either is stat'ed before it is opened (so no device
+    or FIFO is ever opened) and fstat'ed after, and must be that inode.
+    """
+    for name in (f"/proc/{pid}/map_files/{start:x}-{end:x}", f"/proc/{pid}/root{path}"):
+        try:
+            st = os.stat(name)
+            if not statmod.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) != (dev, ino):
+                continue
+            fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
+        except OSError:
+            continue
+        st = os.fstat(fd)
+        if statmod.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) == (dev, ino):
+            return fd
+        os.close(fd)
+    return None
+
+
+def map_file_identity(pid: int, start: int, end: int) -> tuple[int, int, int, int] | None:
+    """(st_dev, st_ino, st_mode, st_size) of the file mapped at [start, end), or None."""
+    try:
+        st = os.stat(f"/proc/{pid}/map_files/{start:x}-{end:x}")
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_mode, st.st_size

@@ -22,6 +22,7 @@ from .compress import ChunkCompressor
 from .errors import CorepeekError, InvalidRequest, SessionExpired, as_corepeek_error
 from .lifetime import Lifetimes, StreamWatch, Watchdog
 from .listing import list_processes
+from .mapped_files import FileServer
 from .policy import local_default_policy
 from .registry import SessionRegistry
 from .session import (DEFAULT_CHUNK, MAX_CHUNK, MODE_FULL, MODE_NOTES, MODE_STACKS,
@@ -139,8 +140,11 @@ def layout_message(s: CaptureSession) -> pb.CoreLayout:
         file_offset=g.file_offset, vaddr=g.vaddr, file_size=g.file_size, mem_size=g.mem_size,
         flags=g.flags, name=g.name, file_page_offset=g.file_page_offset, shared=g.shared,
         stack=any(g.vaddr <= sp < g.vaddr + g.mem_size for sp in stack_tops),
-        read_after_thaw=i in s.read_after_thaw)
+        read_after_thaw=i in s.read_after_thaw, file=s.files.file_at(g.vaddr))
         for i, g in enumerate(lay.segments)]
+    files = [pb.MappedFile(id=f.id, path=f.path, size=f.size, build_id=f.build_id,
+                           deleted=f.deleted, elf=f.elf, readable=f.readable(s.options.mode),
+                           device=f.device, inode=f.inode) for f in s.files.files]
     threads = [pb.ThreadInfo(tid=t.tid, frozen=t.frozen, pc=lay.arch.pc(t.gpregs),
                              sp=lay.arch.sp(t.gpregs), comm=t.comm, state=t.state)
                for t in s.threads]
@@ -155,7 +159,7 @@ def layout_message(s: CaptureSession) -> pb.CoreLayout:
         readable=[pb.ByteRange(offset=o, length=n) for o, n in s.readable],
         snapshot=s.snapshot is not None, snapshot_status=s.snapshot_status,
         stopped_micros=int(s.frozen_seconds * 1e6), target_running=s.target_running,
-        joined=s.joined, freeze_id=s.freeze_id)
+        joined=s.joined, freeze_id=s.freeze_id, files=files)
     if s.options.mode == MODE_STACKS:
         msg.stack_bytes_per_thread = s.options.stack_bytes
         msg.environment_hidden = s.hide_environment
@@ -333,6 +337,25 @@ def _audit_overdue(guard: CaptureGuard, watch: StreamWatch) -> None:
                           grpc.StatusCode.DEADLINE_EXCEEDED.name, watch.reason)
 
 
+def _answer_file(files: FileServer, r: pb.ReadFile, guard: CaptureGuard
+                 ) -> Iterator[pb.CaptureResponse]:
+    """Answer a ``read_file``: chunks of the mapped file, the last one flagged."""
+    if r.length == 0 or r.length > MAX_READ_LENGTH or r.offset > MAX_OFFSET:
+        raise InvalidRequest(f"read_file length must be between 1 and {MAX_READ_LENGTH}, "
+                             f"offset at most {MAX_OFFSET}")
+    guard.record.requests += 1
+    prev: tuple[int, bytes] | None = None
+    for piece in files.read(r.file, r.offset, r.length):
+        guard.serve_file(r.file, len(piece[1]))        # budget, audit
+        if prev is not None:
+            yield pb.CaptureResponse(file_chunk=pb.FileChunk(
+                file=r.file, offset=prev[0], data=prev[1], request_id=r.request_id))
+        prev = piece
+    at, data = prev if prev is not None else (r.offset, b"")
+    yield pb.CaptureResponse(file_chunk=pb.FileChunk(
+        file=r.file, offset=at, data=data, request_id=r.request_id, last=True))
+
+
 class CoreCaptureServicer(StoreRpcs, UploadRpcs, pb_grpc.CoreCaptureServiceServicer):
     # Capture yields pre-encoded chunk bytes: only with the serializer that
     # add_capture_service() registers (the generated one wants messages).
@@ -378,6 +401,7 @@ class CoreCaptureServicer(StoreRpcs, UploadRpcs, pb_grpc.CoreCaptureServiceServi
     def Capture(self, request_iterator: Iterator[pb.CaptureRequest],
                 context: grpc.ServicerContext) -> Iterator[pb.CaptureResponse]:
         session: CaptureSession | None = None
+        files: FileServer | None = None
         registered = False
         guard = self.guard.begin_capture(context)
         watch = self.watchdog.watch(context.cancel)     # first request, idle, lifetime
@@ -410,6 +434,11 @@ class CoreCaptureServicer(StoreRpcs, UploadRpcs, pb_grpc.CoreCaptureServiceServi
             if not context.add_callback(session.leave):
                 return                      # the RPC already ended
             session.open()
+            if options.mode != MODE_NOTES and session.hold is not None and session.hold.closing:
+                # The stream ended while the target was being frozen: its leave
+                # ran before there was a freeze to let go, so nobody else will.
+                session.thaw()
+                return
             if options.mode == MODE_NOTES:
                 # Thawed already: the stream keeps neither the pid nor a slot.
                 self.registry.remove(session)
@@ -430,9 +459,10 @@ class CoreCaptureServicer(StoreRpcs, UploadRpcs, pb_grpc.CoreCaptureServiceServi
                     "environment": not session.hide_environment}
             yield pb.CaptureResponse(layout=layout)
             watch.touch()
+            files = FileServer(session.pid, session.files, options.mode, options.chunk_size)
             for req in request_iterator:
                 watch.touch()
-                for msg in self._answer(session, req, guard, compressor):
+                for msg in self._answer(session, req, guard, compressor, files):
                     yield msg
                     watch.touch()
         except CorepeekError as exc:
@@ -453,6 +483,8 @@ class CoreCaptureServicer(StoreRpcs, UploadRpcs, pb_grpc.CoreCaptureServiceServi
         finally:
             self.watchdog.forget(watch)
             _audit_overdue(guard, watch)
+            if files is not None:
+                files.close()
             frozen = 0.0
             if session is not None:
                 frozen = min(session.frozen_seconds, session.options.max_freeze)
@@ -472,12 +504,16 @@ class CoreCaptureServicer(StoreRpcs, UploadRpcs, pb_grpc.CoreCaptureServiceServi
                 expired=bool(session and session.expired), active=context.is_active())
 
     def _answer(self, session: CaptureSession, req: pb.CaptureRequest, guard: CaptureGuard,
-                compressor: ChunkCompressor | None = None) -> Iterator[pb.CaptureResponse]:
+                compressor: ChunkCompressor | None = None,
+                files: FileServer | None = None) -> Iterator[pb.CaptureResponse]:
         if isinstance(req, Undecodable):
             raise req.refuse()
         kind = req.WhichOneof("request")
         if kind == "open":
             raise InvalidRequest("this stream already opened a capture; open another stream")
+        if kind == "read_file" and files is not None:
+            yield from _answer_file(files, req.read_file, guard)
+            return
         if kind != "read":
             raise InvalidRequest("expected a `read` request")
         r = req.read

@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 
 from corepeek_format import dynlink, regions
 
-from . import precheck, procfs, snapshot
+from . import mapped_files, precheck, procfs, snapshot
 from .arch import ARCHES, ArchSpec
 from .arch.base import select_arch
 from .elfcore.dumpfilter import vma_dump_size
@@ -139,6 +139,7 @@ class CaptureSession:
         self.exe = ""
         self._anon_private: list[bool] = []
         self._dumped: list[DumpedMapping] = []
+        self.files = mapped_files.FileTable()   # the files it maps (mapped_files.py)
         # Snapshot mode: the clone (None: live mode), why a requested one was
         # not made, and the segments read after the thaw (may be newer).
         self.snapshot: Snapshot | None = None
@@ -248,6 +249,7 @@ class CaptureSession:
             cutime_us=procfs.ticks_to_us(st.cutime), cstime_us=procfs.ticks_to_us(st.cstime),
             auxv=procfs.auxv(self.pid, live))
         maps = procfs.mappings(self.pid, live)
+        self.files = mapped_files.scan(self.pid, live, maps)
         dump_filter = procfs.coredump_filter(self.pid)
         dumped = [DumpedMapping(m, vma_dump_size(m, dump_filter, self._read_head)) for m in maps]
         notes = build_notes(arch, proc, self.threads, dumped)
@@ -325,7 +327,7 @@ class CaptureSession:
             opened_at=self.opened_at, freezer=self._freezer, reader=reader,
             layout=self.layout, threads=self.threads, freeze=self.freeze,
             dumped=self._dumped, anon_private=self._anon_private, snapshot=self.snapshot,
-            read_after_thaw=self.read_after_thaw, holds_memory=not notes_only),
+            read_after_thaw=self.read_after_thaw, holds_memory=not notes_only, files=self.files),
             dispose=reader.close if reader is not None else (lambda: None))
 
     def _join(self) -> None:
@@ -346,7 +348,7 @@ class CaptureSession:
         self.start_time, self.comm, self.exe = held.start_time, held.comm, held.exe
         self.opened_at, self._freezer, self._reader = held.opened_at, held.freezer, held.reader
         self.layout, self.threads, self.freeze = held.layout, held.threads, held.freeze
-        self._dumped, self._anon_private = held.dumped, held.anon_private
+        self._dumped, self._anon_private, self.files = held.dumped, held.anon_private, held.files
         self.snapshot, self.read_after_thaw = held.snapshot, held.read_after_thaw
         if self.options.snapshot and held.snapshot is None:
             self.snapshot_status = ("snapshot not taken: joined a live capture of this pid "

@@ -48,6 +48,7 @@ class HeldState:
     # False once the target runs again and no clone keeps its memory (a notes
     # capture thaws as soon as its notes are built): only notes may be joined.
     holds_memory: bool
+    files: Any = None               # mapped_files.FileTable
 
 
 class SharedHold:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -58,6 +60,9 @@ class CollectConfig:
     stored_since: float = 0.0             # > 0: collect --stored, entries of the last N s
     backoff_base: float = 0.5
     backoff_cap: float = 8.0
+    # Also store the ELF files the targets map, each build-id once per run
+    # (files/<build-id>), for debuggers and debuginfod-style stores.
+    with_files: bool = False
 
 
 @dataclass
@@ -144,6 +149,9 @@ class Collector:
         self.names = NameClaims([MANIFEST_NAME])
         self._stopping = threading.Event()     # Ctrl-C: end the captures, store nothing more
         self._done: list[CaptureRecord] = []   # finished captures, kept if the run is cut
+        self._files_lock = threading.Lock()
+        self._files_claimed: set[str] = set()
+        self.stored_files: dict[str, dict[str, Any]] = {}     # build-id -> where it is
 
     def _make_sink(self) -> Sink:
         out = self.cfg.out or default_out_dir(self.now())
@@ -241,6 +249,8 @@ class Collector:
                     rec.threads = len(lay.threads)
                     rec.unfrozen_threads = [t.tid for t in lay.threads if not t.frozen]
                     rec.freeze_micros = int(lay.freeze_micros)
+                    rec.files = [{"path": f.path, "size": f.size, "build_id": f.build_id or None}
+                                 for f in lay.files if f.elf]
                     if cfg.mode == "full":
                         write_full_core(core, scratch.fd,
                                         progress=lambda n: self.progress.received(m.agent, n))
@@ -248,6 +258,8 @@ class Collector:
                         write_partial_core(core, scratch.fd, stack_bytes=cfg.stack_bytes)
                         self.progress.received(m.agent, core.stats.data_bytes)
                     rec.wire_bytes = core.stats.wire_bytes
+                    if cfg.with_files:
+                        self._store_files(core)
                 rec.seconds = time.monotonic() - t0      # closed: the target is thawed
                 rec.core_bytes = os.fstat(scratch.fd).st_size
                 if self._stopping.is_set():
@@ -278,6 +290,38 @@ class Collector:
                 raise
             self.sink.discard(scratch)
             return rec
+
+    def _store_files(self, core: Any) -> None:
+        """Store the ELF files ``core``'s target maps that no capture of this run
+        stored yet (one per build-id); a failure loses the file, not the capture."""
+        from ..files import FileCache, debug_files, obtain
+
+        for f in debug_files(core.layout):
+            bid = f.build_id
+            with self._files_lock:
+                if not bid or bid in self._files_claimed:
+                    continue
+                self._files_claimed.add(bid)
+            scratch = self.sink.scratch(f"file-{bid}")
+            try:
+                with tempfile.TemporaryDirectory(prefix="corepeek-file-") as tmp:
+                    fetched = Path(tmp) / bid               # private: 0700 directory
+                    obtain(core, f, FileCache(), fetched)
+                    with open(fetched, "rb") as src, open(os.dup(scratch.fd), "wb") as dst:
+                        shutil.copyfileobj(src, dst, 1 << 20)
+                stored = self.sink.store(scratch, f"files/{bid}", False)
+            except (CaptureError, OSError) as exc:
+                log.warning("mapped file %s (%s) not stored: %s", f.path, bid, exc)
+                self.sink.discard(scratch)
+                with self._files_lock:
+                    self._files_claimed.discard(bid)
+                if isinstance(exc, CaptureError):
+                    raise                       # the stream is over: the capture failed
+                continue
+            with self._files_lock:
+                self.stored_files[bid] = {"path": stored.path, "size": f.size,
+                                          "bytes": stored.bytes, "sha256": stored.sha256,
+                                          "name": f.path}
 
     def _failed(self, m: Match, exc: BaseException) -> CaptureRecord:
         text, code = _error_text(exc)
@@ -341,7 +385,8 @@ class Collector:
         manifest = build_manifest(started=started, finished=self.now(),
                                   selection=cfg.selection, mode=cfg.mode,
                                   compress=cfg.compress, destination=self.sink.destination,
-                                  agents=agents, captures=records)
+                                  agents=agents, captures=records,
+                                  files=self.stored_files if cfg.with_files else None)
         try:
             path = self.sink.write_manifest(manifest, started)
         finally:

@@ -46,6 +46,9 @@ class CaptureRecord:
     freeze_micros: int | None = None   # the agent's time to stop every thread
     store_seconds: float | None = None
     attempts: int = 0
+    # The ELF files the target maps: path, size, GNU build-id (for debuginfod-
+    # style stores); with --with-files, where the run stored each (files/).
+    files: list[dict[str, Any]] | None = None
 
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -71,13 +74,15 @@ def iso_utc(when: datetime) -> str:
 
 def build_manifest(*, started: datetime, finished: datetime, selection: Selection, mode: str,
                    compress: bool, destination: str, agents: Sequence[AgentResult],
-                   captures: Sequence[CaptureRecord]) -> dict[str, Any]:
-    """The manifest document: the captures (unreachable agents first), the agents, a summary."""
+                   captures: Sequence[CaptureRecord],
+                   files: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The manifest document: the captures (unreachable agents first), the agents, a
+    summary; with ``files`` (collect --with-files), where each build-id was stored."""
     entries = [unreachable_record(a) for a in agents if not a.ok] + list(captures)
     entries.sort(key=lambda r: (r.status != "error" or r.pid is not None, r.host or "",
                                 r.agent, r.pid or 0))
     ok = [r for r in entries if r.status == "ok"]
-    return {
+    doc = {
         "version": MANIFEST_VERSION,
         "tool": f"corepeek collect {_version()}",
         "started": iso_utc(started),
@@ -94,6 +99,9 @@ def build_manifest(*, started: datetime, finished: datetime, selection: Selectio
         "agents": [a.to_json() for a in agents],
         "captures": [r.to_json() for r in entries],
     }
+    if files is not None:
+        doc["files"] = dict(sorted(files.items()))
+    return doc
 
 
 def _version() -> str:

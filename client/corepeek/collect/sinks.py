@@ -180,13 +180,23 @@ class DirSink:
             size, sha = scratch.digest()
             scratch.close()
             done = scratch.path
+        sub, _, base = name.rpartition("/")     # files/BUILD-ID (collect --with-files)
+        where = self._subdir(sub) if sub else self.dir
         try:
-            final = link_new(done, self.dir, name, unique=_numbered_name)
+            final = link_new(done, where, base, unique=_numbered_name)
         except BaseException:
             done.unlink(missing_ok=True)
             raise
-        fsync_dir(self.dir)
-        return Stored(final, size, sha)
+        fsync_dir(where)
+        return Stored(f"{sub}/{final}" if sub else final, size, sha)
+
+    def _subdir(self, name: str) -> Path:
+        """A directory of ours inside the output directory: made 0700, never a link."""
+        path = self.dir / name
+        path.mkdir(mode=0o700, exist_ok=True)
+        if path.is_symlink() or not path.is_dir():
+            raise OSError(f"{path} is not a directory of this run's (a link or a file)")
+        return path
 
     def discard(self, scratch: Scratch) -> None:
         scratch.discard()

@@ -115,13 +115,27 @@ class ReadRange(_message.Message):
     request_id: int
     def __init__(self, offset: _Optional[int] = ..., length: _Optional[int] = ..., request_id: _Optional[int] = ...) -> None: ...
 
+class ReadFile(_message.Message):
+    __slots__ = ("file", "offset", "length", "request_id")
+    FILE_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    file: int
+    offset: int
+    length: int
+    request_id: int
+    def __init__(self, file: _Optional[int] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ..., request_id: _Optional[int] = ...) -> None: ...
+
 class CaptureRequest(_message.Message):
-    __slots__ = ("open", "read")
+    __slots__ = ("open", "read", "read_file")
     OPEN_FIELD_NUMBER: _ClassVar[int]
     READ_FIELD_NUMBER: _ClassVar[int]
+    READ_FILE_FIELD_NUMBER: _ClassVar[int]
     open: OpenCapture
     read: ReadRange
-    def __init__(self, open: _Optional[_Union[OpenCapture, _Mapping]] = ..., read: _Optional[_Union[ReadRange, _Mapping]] = ...) -> None: ...
+    read_file: ReadFile
+    def __init__(self, open: _Optional[_Union[OpenCapture, _Mapping]] = ..., read: _Optional[_Union[ReadRange, _Mapping]] = ..., read_file: _Optional[_Union[ReadFile, _Mapping]] = ...) -> None: ...
 
 class ByteRange(_message.Message):
     __slots__ = ("offset", "length")
@@ -132,7 +146,7 @@ class ByteRange(_message.Message):
     def __init__(self, offset: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
 
 class Segment(_message.Message):
-    __slots__ = ("file_offset", "vaddr", "file_size", "mem_size", "flags", "name", "file_page_offset", "shared", "stack", "read_after_thaw")
+    __slots__ = ("file_offset", "vaddr", "file_size", "mem_size", "flags", "name", "file_page_offset", "shared", "stack", "read_after_thaw", "file")
     FILE_OFFSET_FIELD_NUMBER: _ClassVar[int]
     VADDR_FIELD_NUMBER: _ClassVar[int]
     FILE_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -143,6 +157,7 @@ class Segment(_message.Message):
     SHARED_FIELD_NUMBER: _ClassVar[int]
     STACK_FIELD_NUMBER: _ClassVar[int]
     READ_AFTER_THAW_FIELD_NUMBER: _ClassVar[int]
+    FILE_FIELD_NUMBER: _ClassVar[int]
     file_offset: int
     vaddr: int
     file_size: int
@@ -153,7 +168,30 @@ class Segment(_message.Message):
     shared: bool
     stack: bool
     read_after_thaw: bool
-    def __init__(self, file_offset: _Optional[int] = ..., vaddr: _Optional[int] = ..., file_size: _Optional[int] = ..., mem_size: _Optional[int] = ..., flags: _Optional[int] = ..., name: _Optional[str] = ..., file_page_offset: _Optional[int] = ..., shared: _Optional[bool] = ..., stack: _Optional[bool] = ..., read_after_thaw: _Optional[bool] = ...) -> None: ...
+    file: int
+    def __init__(self, file_offset: _Optional[int] = ..., vaddr: _Optional[int] = ..., file_size: _Optional[int] = ..., mem_size: _Optional[int] = ..., flags: _Optional[int] = ..., name: _Optional[str] = ..., file_page_offset: _Optional[int] = ..., shared: _Optional[bool] = ..., stack: _Optional[bool] = ..., read_after_thaw: _Optional[bool] = ..., file: _Optional[int] = ...) -> None: ...
+
+class MappedFile(_message.Message):
+    __slots__ = ("id", "path", "size", "build_id", "deleted", "elf", "readable", "device", "inode")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    BUILD_ID_FIELD_NUMBER: _ClassVar[int]
+    DELETED_FIELD_NUMBER: _ClassVar[int]
+    ELF_FIELD_NUMBER: _ClassVar[int]
+    READABLE_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    INODE_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    path: str
+    size: int
+    build_id: str
+    deleted: bool
+    elf: bool
+    readable: bool
+    device: int
+    inode: int
+    def __init__(self, id: _Optional[int] = ..., path: _Optional[str] = ..., size: _Optional[int] = ..., build_id: _Optional[str] = ..., deleted: _Optional[bool] = ..., elf: _Optional[bool] = ..., readable: _Optional[bool] = ..., device: _Optional[int] = ..., inode: _Optional[int] = ...) -> None: ...
 
 class ThreadInfo(_message.Message):
     __slots__ = ("tid", "frozen", "pc", "sp", "comm", "state")
@@ -172,7 +210,7 @@ class ThreadInfo(_message.Message):
     def __init__(self, tid: _Optional[int] = ..., frozen: _Optional[bool] = ..., pc: _Optional[int] = ..., sp: _Optional[int] = ..., comm: _Optional[str] = ..., state: _Optional[str] = ...) -> None: ...
 
 class CoreLayout(_message.Message):
-    __slots__ = ("session_id", "total_size", "headers", "notes", "segments", "threads", "elf_class", "arch", "pid", "start_time", "comm", "exe", "section_headers", "freeze_micros", "max_chunk_bytes", "mode", "readable", "snapshot", "snapshot_status", "compression", "stopped_micros", "target_running", "joined", "freeze_id", "stack_bytes_per_thread", "environment_hidden", "stored_capture_id")
+    __slots__ = ("session_id", "total_size", "headers", "notes", "segments", "threads", "elf_class", "arch", "pid", "start_time", "comm", "exe", "section_headers", "freeze_micros", "max_chunk_bytes", "mode", "readable", "snapshot", "snapshot_status", "compression", "stopped_micros", "target_running", "joined", "freeze_id", "stack_bytes_per_thread", "environment_hidden", "stored_capture_id", "files")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TOTAL_SIZE_FIELD_NUMBER: _ClassVar[int]
     HEADERS_FIELD_NUMBER: _ClassVar[int]
@@ -200,6 +238,7 @@ class CoreLayout(_message.Message):
     STACK_BYTES_PER_THREAD_FIELD_NUMBER: _ClassVar[int]
     ENVIRONMENT_HIDDEN_FIELD_NUMBER: _ClassVar[int]
     STORED_CAPTURE_ID_FIELD_NUMBER: _ClassVar[int]
+    FILES_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     total_size: int
     headers: ByteRange
@@ -227,7 +266,8 @@ class CoreLayout(_message.Message):
     stack_bytes_per_thread: int
     environment_hidden: bool
     stored_capture_id: str
-    def __init__(self, session_id: _Optional[str] = ..., total_size: _Optional[int] = ..., headers: _Optional[_Union[ByteRange, _Mapping]] = ..., notes: _Optional[_Union[ByteRange, _Mapping]] = ..., segments: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ..., threads: _Optional[_Iterable[_Union[ThreadInfo, _Mapping]]] = ..., elf_class: _Optional[int] = ..., arch: _Optional[str] = ..., pid: _Optional[int] = ..., start_time: _Optional[int] = ..., comm: _Optional[str] = ..., exe: _Optional[str] = ..., section_headers: _Optional[_Union[ByteRange, _Mapping]] = ..., freeze_micros: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., mode: _Optional[_Union[CaptureMode, str]] = ..., readable: _Optional[_Iterable[_Union[ByteRange, _Mapping]]] = ..., snapshot: _Optional[bool] = ..., snapshot_status: _Optional[str] = ..., compression: _Optional[_Union[Compression, str]] = ..., stopped_micros: _Optional[int] = ..., target_running: _Optional[bool] = ..., joined: _Optional[bool] = ..., freeze_id: _Optional[str] = ..., stack_bytes_per_thread: _Optional[int] = ..., environment_hidden: _Optional[bool] = ..., stored_capture_id: _Optional[str] = ...) -> None: ...
+    files: _containers.RepeatedCompositeFieldContainer[MappedFile]
+    def __init__(self, session_id: _Optional[str] = ..., total_size: _Optional[int] = ..., headers: _Optional[_Union[ByteRange, _Mapping]] = ..., notes: _Optional[_Union[ByteRange, _Mapping]] = ..., segments: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ..., threads: _Optional[_Iterable[_Union[ThreadInfo, _Mapping]]] = ..., elf_class: _Optional[int] = ..., arch: _Optional[str] = ..., pid: _Optional[int] = ..., start_time: _Optional[int] = ..., comm: _Optional[str] = ..., exe: _Optional[str] = ..., section_headers: _Optional[_Union[ByteRange, _Mapping]] = ..., freeze_micros: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., mode: _Optional[_Union[CaptureMode, str]] = ..., readable: _Optional[_Iterable[_Union[ByteRange, _Mapping]]] = ..., snapshot: _Optional[bool] = ..., snapshot_status: _Optional[str] = ..., compression: _Optional[_Union[Compression, str]] = ..., stopped_micros: _Optional[int] = ..., target_running: _Optional[bool] = ..., joined: _Optional[bool] = ..., freeze_id: _Optional[str] = ..., stack_bytes_per_thread: _Optional[int] = ..., environment_hidden: _Optional[bool] = ..., stored_capture_id: _Optional[str] = ..., files: _Optional[_Iterable[_Union[MappedFile, _Mapping]]] = ...) -> None: ...
 
 class CoreChunk(_message.Message):
     __slots__ = ("offset", "data", "hole_length", "request_id", "last", "extents", "raw_length")
@@ -247,13 +287,29 @@ class CoreChunk(_message.Message):
     raw_length: int
     def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ..., hole_length: _Optional[int] = ..., request_id: _Optional[int] = ..., last: _Optional[bool] = ..., extents: _Optional[_Iterable[int]] = ..., raw_length: _Optional[int] = ...) -> None: ...
 
+class FileChunk(_message.Message):
+    __slots__ = ("file", "offset", "data", "request_id", "last")
+    FILE_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    LAST_FIELD_NUMBER: _ClassVar[int]
+    file: int
+    offset: int
+    data: bytes
+    request_id: int
+    last: bool
+    def __init__(self, file: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., request_id: _Optional[int] = ..., last: _Optional[bool] = ...) -> None: ...
+
 class CaptureResponse(_message.Message):
-    __slots__ = ("layout", "chunk")
+    __slots__ = ("layout", "chunk", "file_chunk")
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
+    FILE_CHUNK_FIELD_NUMBER: _ClassVar[int]
     layout: CoreLayout
     chunk: CoreChunk
-    def __init__(self, layout: _Optional[_Union[CoreLayout, _Mapping]] = ..., chunk: _Optional[_Union[CoreChunk, _Mapping]] = ...) -> None: ...
+    file_chunk: FileChunk
+    def __init__(self, layout: _Optional[_Union[CoreLayout, _Mapping]] = ..., chunk: _Optional[_Union[CoreChunk, _Mapping]] = ..., file_chunk: _Optional[_Union[FileChunk, _Mapping]] = ...) -> None: ...
 
 class TriggerSelector(_message.Message):
     __slots__ = ("pid", "comm", "exe", "cgroup", "container")

@@ -86,6 +86,8 @@ class CoreCaptureServiceServicer:
         """One capture session.  The first request must be `open`; the agent freezes
         the target and answers with the core's `layout`.  Every later request is a
         `read`, answered by one or more chunks (the last one flagged `last`).
+        A stacks or full session may also send `read_file` requests for the
+        files the target maps (CoreLayout.files), answered by `file_chunk`s.
         Half-closing or cancelling the stream thaws the target.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
