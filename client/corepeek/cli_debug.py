@@ -74,19 +74,20 @@ def _debug(args: argparse.Namespace) -> int:
     from .debugrun import run_debug
 
     resolve_target(args)
-    argv = ["--agent", args.agent, "--timeout", str(args.timeout), str(args.pid),
+    argv = ["--agent", args.agent, "--timeout", str(args.timeout),
             "--start-time", str(args.start_time), "--only", args.only]
     for name in ("tls_ca", "tls_cert", "tls_key", "tls_server_name"):
         if getattr(args, name):
             argv += ["--" + name.replace("_", "-"), getattr(args, name)]
     if args.snapshot:
         argv.append("--snapshot")
+    argv.append(str(args.pid))       # last: the mount point follows it (two positionals)
     extra = args.debugger_args[1:] if args.debugger_args[:1] == ["--"] else args.debugger_args
     return run_debug(argv, args.debugger, extra)
 
 
 def add_mount_parsers(add: Callable[..., argparse.ArgumentParser],
-                       capture_args: Callable[[argparse.ArgumentParser], None]) -> None:
+                      capture_args: Callable[[argparse.ArgumentParser], None]) -> None:
     from .mount import DEFAULT_READAHEAD
 
     m = add("mount", help="a live process as a directory: core, root/, gdbinit (FUSE)")
