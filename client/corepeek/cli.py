@@ -94,12 +94,12 @@ def _dump(args: argparse.Namespace) -> int:
                       stack_bytes=args.stack_bytes, snapshot=args.snapshot,
                       compression=args.wire_compression, wait_exclusive=args.wait) as core:
         lay = core.layout
-        if args.snapshot and not args.quiet:
+        if (lay.snapshot or lay.snapshot_status) and not args.quiet:
             print(f"snapshot: target thawed after the clone, memory served from it "
                   f"({sum(1 for s in lay.segments if s.read_after_thaw)} segments read "
                   "after the thaw)" if lay.snapshot else
                   f"snapshot: {lay.snapshot_status}" if args.only == "notes" else
-                  f"warning: {lay.snapshot_status or 'snapshot not taken'}", file=sys.stderr)
+                  f"warning: {lay.snapshot_status}", file=sys.stderr)
         unfrozen = [t.tid for t in lay.threads if not t.frozen]
         bar = _progress_bar(lay.total_size if args.only == "full" else 0,
                             sys.stderr.isatty() and not args.quiet)
@@ -231,9 +231,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="notes: threads, registers, mappings; stacks: notes + thread stacks")
     d.add_argument("--stack-bytes", type=int, default=0,
                    help="cap on stack bytes per thread for --only stacks (default 8 MiB)")
-    d.add_argument("--snapshot", action="store_true",
-                   help="freeze the target only while a copy-on-write clone of it is made, "
-                   "then read memory from the clone (falls back to a live capture)")
+    frz = d.add_mutually_exclusive_group()
+    frz.add_argument("--snapshot", dest="snapshot", action="store_const", const=True,
+                     default=None, help="the default for full and stacks captures: freeze "
+                     "the target only while a copy-on-write clone of it is made, then read "
+                     "memory from the clone (falls back to live, saying why)")
+    frz.add_argument("--live", dest="snapshot", action="store_const", const=False,
+                     help="keep the target frozen for the whole transfer (no clone)")
     d.add_argument("--wire-compression", choices=("none", "zstd"), default="none",
                    help="compress memory on the wire (for slow links; costs agent CPU, "
                    "see docs/performance.md)")

@@ -80,6 +80,8 @@ class SessionRecord:
     # stacks mode: what the rule let through (stack bytes per thread, requested
     # vs granted; whether argv/environment strings were served)
     exposure: dict[str, Any] = field(default_factory=dict)
+    # snapshot mode: taken, or the fallback's reason code and status
+    snapshot: dict[str, Any] = field(default_factory=dict)
     outcome: str = "ok"
     code: str = "OK"
     details: str = ""
@@ -118,6 +120,8 @@ class SessionRecord:
             })
             if self.exposure:
                 out["exposure"] = self.exposure
+            if self.snapshot:
+                out["snapshot"] = self.snapshot
         elif self.kind == "list":
             out["listed"] = self.listed
         out.update({"duration_seconds": round(time.time() - self.started, 6),

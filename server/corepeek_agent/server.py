@@ -24,6 +24,7 @@ from .errors import CorepeekError
 from .gate import UNARY_WORKERS, GateLimits, RpcGate
 from .registry import SessionRegistry
 from .service import AgentConfig, CoreCaptureServicer, add_capture_service
+from .snapshot import ledger
 from .tls import ReloadingCertificates, TLSConfigError, TLSFiles
 from .unixsocket import bind_unix
 
@@ -221,6 +222,8 @@ def serve(address: str, *, insecure: bool = False, config: AgentConfig = AgentCo
         log.warning("COREPEEK_TEST_PROC_DUMPABLE=1 (tests only): dumpability from /proc, "
                     "not PIDFD_INFO_COREDUMP")
     raise_malloc_thresholds()
+    # Clones a killed predecessor left (their zombies under their targets).
+    ledger.sweep(config.clone_state_dir, config.default_thread_timeout)
     certificates = ReloadingCertificates(tls) if tls is not None else None
     guard = Guard.for_listener(local_transport=certificates is None, policy_path=policy_path,
                                audit_path=audit_log, sessions_per_minute=sessions_per_minute)
