@@ -262,7 +262,10 @@ class CaptureSession:
         except CoreTooLarge as exc:     # open() thaws at once
             raise CoreTooLargeForElf32(f"pid {self.pid}: {exc}") from None
         self._dumped = dumped
-        self._anon_private = [not d.mapping.file_backed and not d.mapping.shared for d in dumped]
+        # Holes come from the pagemap of private anonymous memory only; the
+        # [vdso] is read whole (the kernel's dump faults in its pages too).
+        self._anon_private = [not d.mapping.file_backed and not d.mapping.shared
+                              and d.mapping.path != "[vdso]" for d in dumped]
         # Reading pages the target shares copy-on-write with another process
         # through process_vm_readv would make the kernel copy them into the
         # target (FOLL_PIN unshares): such mappings are read via /proc/PID/mem.

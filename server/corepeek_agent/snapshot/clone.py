@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,6 +28,9 @@ from .obstacles import SnapshotUnavailable, obstacle_reason, pick_injector
 from .seccomp import seccomp_check
 
 log = logging.getLogger(__name__)
+
+# How long a session's end waits for the zombie's removal (normally ~1 ms).
+REAP_WAIT = 2.0
 
 
 def ns_pids(pid: int) -> list[int]:
@@ -71,6 +75,19 @@ class Snapshot:
             return
         self.released = True
         _kill_and_reap(self.clone_pid)
+        # The zombie's removal stops one thread of the target; PTRACE_SEIZE
+        # itself waits for an exec in progress in the target (cred_guard_mutex),
+        # so it runs on a thread of its own that the session waits for a while.
+        worker = threading.Thread(target=self._reap_zombie, daemon=True,
+                                  name=f"reap-{self.target_pid}")
+        worker.start()
+        worker.join(REAP_WAIT)
+        if worker.is_alive():
+            log.warning("pid %d: removing the zombie of snapshot clone %d takes over %.0f s "
+                        "(the target is in exec?); it goes on in the background",
+                        self.target_pid, self.clone_pid, REAP_WAIT)
+
+    def _reap_zombie(self) -> None:
         try:
             self.reaped_in_target, self.refreeze_seconds = reap_in_target(
                 self.target_pid, self.clone_pid, self.abi, self.insn_addr, self.thread_timeout,
@@ -81,8 +98,9 @@ class Snapshot:
         except Exception as exc:  # noqa: BLE001 - never fail the session's end
             log.warning("pid %d: could not remove the zombie of snapshot clone %d: %s",
                         self.target_pid, self.clone_pid, exc)
-        if self.ledger is not None:
-            self.ledger.forget(self.clone_pid)
+        finally:
+            if self.ledger is not None:
+                self.ledger.forget(self.clone_pid)
 
 
 def take_snapshot(freezer: Freezer, fr: FreezeResult, mappings: Sequence[Mapping],
@@ -220,6 +238,13 @@ def reap_in_target(pid: int, child: int, abi: SyscallAbi, insn_addr: int,
     except ProcessGone:
         return True, 0.0
     insn = ABI_INSNS[abi.arch]
+    if _proc_mem_reader(pid)(insn_addr, len(insn)) != insn:
+        # Another image since (exec): seizing a thread for it would be in
+        # vain, and may wait for the exec itself.  The new image inherits the
+        # zombie; it goes when the target waits with __WALL or exits.
+        log.warning("pid %d: the zombie of snapshot clone %d stays: the target called exec",
+                    pid, child)
+        return False, 0.0
     args = (child_in_target, 0, WALL | WNOHANG, 0)
     last = "no thread could be stopped"
     for tid in tids:

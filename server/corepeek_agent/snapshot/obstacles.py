@@ -73,12 +73,18 @@ def pick_injector(threads: Sequence[FrozenThread], leader: int = 0) -> list[Froz
     return sorted(ok, key=lambda t: t.tid != leader)
 
 
+# Special mappings /proc/CLONE/mem reads as nothing (measured on 6.18: the
+# clone's [vdso] reads as zeros); a few pages, held like the private copies.
+SPECIAL_UNCOPIED = frozenset({"[vdso]"})
+
+
 def private_copies(dumped: Sequence[DumpedMapping]) -> list[int]:
     """Indexes of dumped mappings the clone does not get (MADV_DONTFORK, ``dc``)
-    or gets zeroed (MADV_WIPEONFORK, ``wf``); MAP_SHARED ones excluded (they are
-    read from the clone like any shared mapping: same pages)."""
+    or gets zeroed (MADV_WIPEONFORK, ``wf``), and the ``[vdso]``; MAP_SHARED
+    ones excluded (they are read from the clone like any shared mapping: same
+    pages)."""
     return [i for i, d in enumerate(dumped) if d.dump_size and not d.mapping.shared
-            and d.mapping.vm_flags & {"dc", "wf"}]
+            and (d.mapping.vm_flags & {"dc", "wf"} or d.mapping.path in SPECIAL_UNCOPIED)]
 
 
 def read_after_thaw(dumped: Sequence[DumpedMapping], from_original: Sequence[int]) -> set[int]:
