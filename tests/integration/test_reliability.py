@@ -289,7 +289,8 @@ def test_32_concurrent_sessions_and_the_33rd_is_refused(build, tmp_path: Path,
             targets = [stack.enter_context(Target(build("bigmem"), ["-m", "16", "-t", "2"]))
                        for _ in range(33)]
             cores = list(ThreadPoolExecutor(8).map(
-                lambda t: stack.enter_context(open_capture(a.address, t.pid, snapshot=False)), targets[:32]))
+                lambda t: stack.enter_context(open_capture(a.address, t.pid, snapshot=False)),
+                targets[:32]))
             with pytest.raises(CaptureError) as exc:
                 open_capture(a.address, targets[32].pid, snapshot=False)
             assert exc.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -89,7 +89,8 @@ def env(tmp_path_factory: pytest.TempPathFactory, require_root: None) -> Iterato
 
 
 def _captured(e: Env, t: Target, rule: str) -> None:
-    with open_capture(e.agent.address, t.pid, tls=tls_options(e.pki, e.pki.oncall), snapshot=False) as core:
+    with open_capture(e.agent.address, t.pid, tls=tls_options(e.pki, e.pki.oncall),
+                      snapshot=False) as core:
         assert core.read_bytes(0, 4) == b"\x7fELF"
         assert set(t.thread_states().values()) == {"t"}
     assert_thawed_and_undisturbed(t)

@@ -157,7 +157,8 @@ def test_identities_the_policy_does_not_name_are_denied(tls_agent: TLSAgent, pki
 def test_oncall_takes_a_full_core_and_it_is_audited(tls_agent: TLSAgent, pki: PKI,
                                                     build) -> None:
     with Target(build("threads")) as t:
-        with open_capture(tls_agent.address, t.pid, tls=tls_options(pki, pki.oncall), snapshot=False) as core:
+        with open_capture(tls_agent.address, t.pid, tls=tls_options(pki, pki.oncall),
+                          snapshot=False) as core:
             assert set(t.thread_states().values()) == {"t"}
             data = core.read_bytes(0, core.size)
             assert data[:4] == b"\x7fELF" and len(data) == core.size
