@@ -73,7 +73,8 @@ def test_client_that_stops_reading_is_cut_off_by_the_max_freeze(own_agent, build
     with Target(build("bigmem"), ["-m", "256"]) as t:
         with grpc.insecure_channel(own_agent.address) as ch:
             reqs: queue.Queue[pb.CaptureRequest | None] = queue.Queue()
-            reqs.put(pb.CaptureRequest(open=pb.OpenCapture(pid=t.pid)))
+            reqs.put(pb.CaptureRequest(open=pb.OpenCapture(
+                pid=t.pid, options=pb.CaptureOptions(freeze_mode=pb.FREEZE_MODE_LIVE))))
             call = pb_grpc.CoreCaptureServiceStub(ch).Capture(iter(reqs.get, None))
             layout = next(call).layout
             t0 = time.monotonic()

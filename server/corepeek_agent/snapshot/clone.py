@@ -238,7 +238,15 @@ def reap_in_target(pid: int, child: int, abi: SyscallAbi, insn_addr: int,
     except ProcessGone:
         return True, 0.0
     insn = ABI_INSNS[abi.arch]
-    if _proc_mem_reader(pid)(insn_addr, len(insn)) != insn:
+    head = b""
+    for tid in tids:                # a zombie leader has no memory to read: a live thread
+        try:
+            head = _proc_mem_reader(tid)(insn_addr, len(insn))
+        except (ProcessGone, OSError):
+            continue
+        if head:
+            break
+    if head and head != insn:
         # Another image since (exec): seizing a thread for it would be in
         # vain, and may wait for the exec itself.  The new image inherits the
         # zombie; it goes when the target waits with __WALL or exits.
