@@ -1,16 +1,21 @@
-"""Snapshot vs live vs gdb gcore: how long the target itself is kept from running.
+"""Default (snapshot) vs live vs gdb gcore vs a bare fork: how long the target is stopped.
 
-    python bench/bench_snapshot.py [--sizes 1,4] [--repeat 3] [--no-gcore]
-                                   [--fds 0,19000] [--json FILE]
+    python bench/bench_snapshot.py [--sizes 1,4] [--threads 200] [--repeat 3]
+                                   [--no-gcore] [--fds 0,19000] [--json FILE]
 
 Needs root.  Standalone: builds the ``bigmem`` test target (SIZE GiB written
-with 4 KiB pages, a 1 ms heartbeat thread) and starts its own agent (a
-subprocess on a Unix socket).  For each size and method, ``--repeat`` times:
+with 4 KiB pages, a 1 ms heartbeat thread; and a 64 MiB one with ``--threads``
+idle threads) and starts its own agent (a subprocess on a Unix socket).  For
+each target and method, ``--repeat`` times:
 
-* live: open a capture, pull the whole core (discarded), close: the target is
-  frozen throughout;
-* snapshot: the same with ``snapshot=True``: frozen only while the clone is made;
-* gcore: ``gdb -batch -p PID -ex "gcore FILE"`` (file deleted afterwards).
+* default: ``open_capture`` with no freeze option (the agent's default, a
+  snapshot), pull the whole core (discarded), close;
+* live: the same with ``snapshot=False``: the target is frozen throughout;
+* gcore: ``gdb -batch -p PID -ex "gcore FILE"`` (file deleted afterwards);
+* fork: the target forks once (command ``fork``; the child exits at once) and
+  times the ``fork()`` call itself: the page-table copy, the floor of the
+  snapshot's ``clone()``.  Only the forking thread waits (the heartbeat runs on),
+  so its figure is ``fork ms``, not the heartbeat gap.
 
 The target's longest heartbeat gap (``maxgap``) is the time it was kept from
 running.  Also printed: the wall time of the whole capture, and for snapshot
@@ -62,19 +67,22 @@ def one_capture(agent: AgentProcess, t: Target, method: str, tmp: Path) -> dict[
     t.command("resetgap")
     t0 = time.monotonic()
     row: dict[str, float] = {}
-    if method == "gcore":
+    if method == "fork":
+        row["fork_ms"] = int(t.command("fork")["fork_us"]) / 1000
+    elif method == "gcore":
         out = tmp / "gcore.core"
         subprocess.run(["gdb", "-batch", "-nx", "-p", str(t.pid), "-ex", f"gcore {out}"],
                        check=True, capture_output=True, timeout=600)
         out.unlink(missing_ok=True)
     else:
         log_before = len(agent.log())
-        with open_capture(agent.address, t.pid, snapshot=(method == "snapshot")) as core:
-            if method == "snapshot" and not core.layout.snapshot:
+        kw = {"snapshot": False} if method == "live" else {}
+        with open_capture(agent.address, t.pid, **kw) as core:
+            if method == "default" and not core.layout.snapshot:
                 raise RuntimeError(core.layout.snapshot_status)
             row["stop_ms"] = core.layout.freeze_micros / 1000
             pull(core)
-        if method == "snapshot":
+        if method == "default":
             for m in _LOG_SNAP.finditer(agent.log()[log_before:]):
                 if int(m.group(1)) == t.pid:
                     row["frozen_ms"], row["clone_ms"] = float(m.group(2)), float(m.group(3))
@@ -91,18 +99,23 @@ def med(rows: list[dict[str, float]], key: str) -> str:
 
 def bench_sizes(args: argparse.Namespace, tmp: Path, agent: AgentProcess) -> list[dict]:
     exe = build_target("bigmem", tmp)
-    methods = ["snapshot", "live"] + ([] if args.no_gcore else ["gcore"])
+    methods = ["default", "live"] + ([] if args.no_gcore else ["gcore"]) + ["fork"]
     runs: list[dict] = []
-    print(f"{'size':>6} {'method':>9} {'maxgap ms':>10} {'wall ms':>10} {'stop ms':>10} "
-          f"{'frozen ms':>10} {'clone ms':>10}   (medians of {args.repeat})")
-    for gib in args.sizes:
-        with Target(exe, ["-m", str(gib * 1024), "-H", "1000"], ready_timeout=120) as t:
+    targets = [(f"{gib} GiB", ["-m", str(gib * 1024)]) for gib in args.sizes]
+    if args.threads:
+        targets.append((f"{args.threads} thr", ["-m", "64", "-t", str(args.threads)]))
+    print(f"{'target':>8} {'method':>8} {'maxgap ms':>10} {'fork ms':>10} {'wall ms':>10} "
+          f"{'stop ms':>10} {'frozen ms':>10} {'clone ms':>10}   (medians of {args.repeat}, "
+          f"load {os.getloadavg()[0]:.1f})")
+    for name, targs in targets:
+        with Target(exe, targs + ["-H", "1000"], ready_timeout=300) as t:
             for method in methods:
                 rows = [one_capture(agent, t, method, tmp) for _ in range(args.repeat)]
-                runs += [{"size_gib": gib, "method": method, **r} for r in rows]
-                print(f"{gib:>4}Gi {method:>9} {med(rows, 'maxgap_ms')} {med(rows, 'wall_ms')} "
-                      f"{med(rows, 'stop_ms')} {med(rows, 'frozen_ms')} {med(rows, 'clone_ms')}",
-                      flush=True)
+                runs += [{"target": name, "method": method, "load": os.getloadavg()[0], **r}
+                         for r in rows]
+                print(f"{name:>8} {method:>8} {med(rows, 'maxgap_ms')} {med(rows, 'fork_ms')} "
+                      f"{med(rows, 'wall_ms')} {med(rows, 'stop_ms')} {med(rows, 'frozen_ms')} "
+                      f"{med(rows, 'clone_ms')}   load {os.getloadavg()[0]:.1f}", flush=True)
     return runs
 
 
@@ -139,6 +152,8 @@ def bench_fds(args: argparse.Namespace, tmp: Path) -> list[dict]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", default="1,4", help="GiB of the bigmem target, comma-separated")
+    p.add_argument("--threads", type=int, default=200,
+                   help="idle threads of the many-threads target (0: none)")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--no-gcore", action="store_true")
     p.add_argument("--fds", default="0,19000",

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .cli_collect import add_collect_parser
 from .cli_debug import add_mount_parsers, dump_with_files
-from .cliargs import list_processes, resolve_target, tls_options
+from .cliargs import freeze_mode_args, list_processes, resolve_target, tls_options
 from .errors import CaptureError, Interrupted
 from .targeting import (AGENT_ENV, LOCAL_SOCKET, AmbiguousTarget, UsageError,
                         resolve_agent)
@@ -129,12 +129,12 @@ def _capture_into(args: argparse.Namespace, fd: int, out: Path) -> list[str]:
                       stack_bytes=args.stack_bytes, snapshot=args.snapshot,
                       compression=args.wire_compression, wait_exclusive=args.wait) as core:
         lay = core.layout
-        if args.snapshot and not args.quiet:
+        if (lay.snapshot or lay.snapshot_status) and not args.quiet:
             print(f"snapshot: target thawed after the clone, memory served from it "
                   f"({sum(1 for s in lay.segments if s.read_after_thaw)} segments read "
                   "after the thaw)" if lay.snapshot else
                   f"snapshot: {lay.snapshot_status}" if args.only == "notes" else
-                  f"warning: {lay.snapshot_status or 'snapshot not taken'}", file=sys.stderr)
+                  f"warning: {lay.snapshot_status}", file=sys.stderr)
         unfrozen = [t.tid for t in lay.threads if not t.frozen]
         if lay.stored_capture_id and not args.quiet:
             print(f"kept in the agent's store as {lay.stored_capture_id}", file=sys.stderr)
@@ -315,9 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="notes: threads, registers, mappings; stacks: notes + thread stacks")
     d.add_argument("--stack-bytes", type=int, default=0,
                    help="cap on stack bytes per thread for --only stacks (default 8 MiB)")
-    d.add_argument("--snapshot", action="store_true",
-                   help="freeze the target only while a copy-on-write clone of it is made, "
-                   "then read memory from the clone (falls back to a live capture)")
+    freeze_mode_args(d)
     d.add_argument("--wire-compression", choices=("none", "zstd"), default="none",
                    help="compress memory on the wire (for slow links; costs agent CPU, "
                    "see docs/performance.md)")

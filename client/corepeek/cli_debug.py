@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from .cliargs import resolve_target, tls_options
+from .cliargs import freeze_mode_args, resolve_target, tls_options
 from .errors import CaptureError
 from .textsafe import safe
 
@@ -79,8 +79,8 @@ def _debug(args: argparse.Namespace) -> int:
     for name in ("tls_ca", "tls_cert", "tls_key", "tls_server_name"):
         if getattr(args, name):
             argv += ["--" + name.replace("_", "-"), getattr(args, name)]
-    if args.snapshot:
-        argv.append("--snapshot")
+    if args.snapshot is not None:
+        argv.append("--snapshot" if args.snapshot else "--live")
     argv.append(str(args.pid))       # last: the mount point follows it (two positionals)
     extra = args.debugger_args[1:] if args.debugger_args[:1] == ["--"] else args.debugger_args
     return run_debug(argv, args.debugger, extra)
@@ -95,8 +95,7 @@ def add_mount_parsers(add: Callable[..., argparse.ArgumentParser],
     m.add_argument("mountpoint", help="an empty directory to mount on")
     m.add_argument("--only", choices=("full", "stacks"), default="full",
                    help="full core, or notes + stacks only (default full)")
-    m.add_argument("--snapshot", action="store_true",
-                   help="freeze only while a copy-on-write clone is made, serve the clone")
+    freeze_mode_args(m)
     m.add_argument("--readahead", type=int, default=DEFAULT_READAHEAD,
                    help=f"bytes fetched per core miss (default {DEFAULT_READAHEAD})")
     m.set_defaults(func=_mount)
@@ -107,8 +106,7 @@ def add_mount_parsers(add: Callable[..., argparse.ArgumentParser],
                    help="the debugger to run on the mount (default gdb)")
     g.add_argument("--only", choices=("full", "stacks"), default="full",
                    help="full core, or notes + stacks only (default full)")
-    g.add_argument("--snapshot", action="store_true",
-                   help="freeze only while a copy-on-write clone is made, serve the clone")
+    freeze_mode_args(g)
     g.add_argument("debugger_args", nargs=argparse.REMAINDER,
                    help="-- then arguments for the debugger")
     g.set_defaults(func=_debug)

@@ -48,3 +48,15 @@ def resolve_target(args: argparse.Namespace) -> None:
     if not args.quiet:
         print(f"capturing pid {proc.pid} ({safe(proc.comm)}, {safe(proc.exe)})",
               file=sys.stderr)
+
+
+def freeze_mode_args(sp: argparse.ArgumentParser) -> None:
+    """``--snapshot`` / ``--live``; neither leaves it to the agent (a snapshot for
+    full and stacks captures, docs/snapshot.md): ``args.snapshot`` None/True/False."""
+    frz = sp.add_mutually_exclusive_group()
+    frz.add_argument("--snapshot", dest="snapshot", action="store_const", const=True,
+                     default=None, help="the default for full and stacks captures: freeze "
+                     "the target only while a copy-on-write clone of it is made, then read "
+                     "memory from the clone (falls back to live, saying why)")
+    frz.add_argument("--live", dest="snapshot", action="store_const", const=False,
+                     help="keep the target frozen for the whole transfer (no clone)")

@@ -33,6 +33,9 @@ from .v1 import capture_pb2 as pb
 MODES = {"full": pb.CAPTURE_MODE_FULL, "stacks": pb.CAPTURE_MODE_STACKS,
          "notes": pb.CAPTURE_MODE_NOTES}
 COMPRESSIONS = {"none": pb.COMPRESSION_NONE, "zstd": pb.COMPRESSION_ZSTD}
+# open_capture(snapshot=...): None the agent's default, True snapshot, False live.
+_FREEZE_MODES = {None: pb.FREEZE_MODE_DEFAULT, True: pb.FREEZE_MODE_SNAPSHOT,
+                 False: pb.FREEZE_MODE_LIVE}
 # Largest chunk the agent may send (its MAX_CHUNK) when the layout names none.
 _MAX_CHUNK = 3 * 1024 * 1024
 
@@ -207,13 +210,16 @@ class RemoteCore:
 
     def __init__(self, channel: grpc.Channel, pid: int, *, start_time: int = 0,
                  mode: str = "full", freeze_timeout_ms: int = 0, chunk_bytes: int = 0,
-                 stack_bytes: int = 0, snapshot: bool = False, own_channel: bool = False,
+                 stack_bytes: int = 0, snapshot: bool | None = None, own_channel: bool = False,
                  metadata: tuple[tuple[str, str], ...] = (), compression: str = "none",
                  wait_exclusive: float = 0.0, capture_id: str = "", keep: bool = False) -> None:
         """``wait_exclusive`` > 0: want a freeze of its own rather than join a
         capture of ``pid`` in progress, waiting up to that many seconds.
         ``capture_id``: open this entry of the agent's store instead of ``pid``;
-        ``keep``: ask the agent to keep this capture in its store as well."""
+        ``keep``: ask the agent to keep this capture in its store as well.
+        ``snapshot``: None leaves it to the agent (a snapshot for full and
+        stacks captures), True asks for one, False for a live capture (the
+        target frozen for the whole transfer); docs/snapshot.md."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {sorted(MODES)}")
         if compression not in COMPRESSIONS:
@@ -228,7 +234,8 @@ class RemoteCore:
         self._closed_at = 0.0
         opts = pb.CaptureOptions(mode=MODES[mode], freeze_timeout_ms=freeze_timeout_ms,
                                  max_chunk_bytes=chunk_bytes, stack_bytes_per_thread=stack_bytes,
-                                 snapshot=snapshot, packed_chunks=True,
+                                 snapshot=bool(snapshot), freeze_mode=_FREEZE_MODES[snapshot],
+                                 packed_chunks=True,
                                  compression=COMPRESSIONS[compression],
                                  wait_exclusive_seconds=wait_exclusive, keep=keep)
         self._requests.put(pb.CaptureRequest(open=pb.OpenCapture(

@@ -87,6 +87,8 @@ class SessionRecord:
     # trigger added or removed over RPC.
     trigger: dict[str, Any] = field(default_factory=dict)
     upload: str = ""                  # Upload: the destination (s3://bucket/key)
+    # snapshot mode: taken, or the fallback's reason code and status
+    snapshot: dict[str, Any] = field(default_factory=dict)
     outcome: str = "ok"
     code: str = "OK"
     details: str = ""
@@ -126,6 +128,8 @@ class SessionRecord:
             })
             if self.exposure:
                 out["exposure"] = self.exposure
+            if self.snapshot:
+                out["snapshot"] = self.snapshot
         if self.trigger:
             out["trigger"] = self.trigger
         if self.upload:

@@ -105,6 +105,9 @@ class AgentMetrics:
                               buckets=STOP_BUCKETS, registry=r)
         self.served = Counter("corepeek_served_bytes", "Core bytes served to clients",
                               ["kind"], registry=r)
+        self.snapshot_fallbacks = Counter(
+            "corepeek_snapshot_fallbacks", "Captures that wanted a snapshot and ran live "
+            "instead, by reason (docs/snapshot.md)", ["reason"], registry=r)
         self.refusals = Counter("corepeek_refusals", "Calls the agent refused, by RPC kind "
                                 "and gRPC status", ["rpc", "code"], registry=r)
         for mode in MODES:
@@ -130,6 +133,9 @@ class AgentMetrics:
         if kind != "capture":
             return
         self.captures.labels(result=outcome, mode=getattr(record, "mode", "") or "").inc()
+        reason = (getattr(record, "snapshot", None) or {}).get("reason", "")
+        if reason:
+            self.snapshot_fallbacks.labels(reason=reason).inc()
         data, hole = int(getattr(record, "data_bytes", 0)), int(getattr(record, "hole_bytes", 0))
         if data:
             self.served.labels(kind="data").inc(data)

@@ -55,6 +55,8 @@ class Stat:
     # kernel hides them): the top of the main thread's stack.
     arg_start: int = 0
     env_end: int = 0
+    # Field 38: the signal the parent gets at exit (0 for a snapshot clone).
+    exit_signal: int = 17
 
 
 def parse_stat(text: str) -> Stat:
@@ -67,7 +69,8 @@ def parse_stat(text: str) -> Stat:
                 ppid=f(4), pgrp=f(5), session=f(6), flags=f(9), utime=f(14), stime=f(15),
                 cutime=f(16), cstime=f(17), nice=f(19), num_threads=f(20),
                 start_time=f(22), rss_pages=f(24),
-                arg_start=f(48) if len(rest) > 48 else 0, env_end=f(51) if len(rest) > 48 else 0)
+                arg_start=f(48) if len(rest) > 48 else 0, env_end=f(51) if len(rest) > 48 else 0,
+                exit_signal=f(38) if len(rest) > 35 else 17)
 
 
 def stat(pid: int, tid: int | None = None) -> Stat:
@@ -386,3 +389,67 @@ def map_file_identity(pid: int, start: int, end: int) -> tuple[int, int, int, in
     except OSError:
         return None
     return st.st_dev, st.st_ino, st.st_mode, st.st_size
+
+
+# -- host memory (snapshot mode's memory rule, snapshot/memrule.py) -------------------
+
+def meminfo() -> dict[str, int]:
+    """/proc/meminfo in bytes (the fields given in kB)."""
+    out: dict[str, int] = {}
+    for line in _read("/proc/meminfo").decode().splitlines():
+        key, _, value = line.partition(":")
+        parts = value.split()
+        if parts:
+            out[key] = int(parts[0]) * (1024 if len(parts) > 1 else 1)
+    return out
+
+
+def overcommit_memory() -> int:
+    """vm.overcommit_memory: 0 heuristic, 1 always, 2 strict (CommitLimit)."""
+    return int(_read("/proc/sys/vm/overcommit_memory").decode().strip() or 0)
+
+
+_CG_V1 = "/sys/fs/cgroup/memory"
+_CG_V2 = "/sys/fs/cgroup"
+
+
+def _cg_value(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except OSError:
+        return None
+    return None if text in ("max", "") else int(text)
+
+
+def memory_cgroup_headroom(pid: int) -> tuple[int, str] | None:
+    """(bytes the memory cgroups of ``pid`` may still charge, the tightest
+    cgroup's path), over it and every ancestor with a limit; None if unlimited.
+
+    cgroup v2 (``memory.max - memory.current``) or v1 (``memory.limit_in_bytes
+    - memory.usage_in_bytes``), whichever holds the process.
+    """
+    try:
+        lines = _read(f"/proc/{pid}/cgroup").decode(errors="replace").splitlines()
+    except ProcessGone:
+        return None
+    v1 = next((ln.split(":", 2)[2] for ln in lines
+               if "memory" in ln.split(":", 2)[1].split(",")), None)
+    if v1 is not None:
+        root, limit_f, usage_f, rel = _CG_V1, "memory.limit_in_bytes", "memory.usage_in_bytes", v1
+    else:
+        rel = next((ln.split(":", 2)[2] for ln in lines if ln.startswith("0::")), None)
+        if rel is None:
+            return None
+        root, limit_f, usage_f = _CG_V2, "memory.max", "memory.current"
+    best: tuple[int, str] | None = None
+    parts = [p for p in rel.split("/") if p]
+    for depth in range(len(parts), -1, -1):
+        path = os.path.join(root, *parts[:depth])
+        limit, usage = _cg_value(f"{path}/{limit_f}"), _cg_value(f"{path}/{usage_f}")
+        if limit is None or usage is None or limit >= 1 << 62:
+            continue
+        room = max(0, limit - usage)
+        if best is None or room < best[0]:
+            best = (room, path)
+    return best

@@ -30,6 +30,7 @@ from .store.store import Store
 from .triggers.capture import CaptureContext
 from .triggers.config import DEFAULT_INTERVAL, load_triggers
 from .triggers.engine import TriggerEngine
+from .snapshot import ledger
 from .tls import ReloadingCertificates, TLSConfigError, TLSFiles
 from .unixsocket import bind_unix
 
@@ -232,6 +233,8 @@ def serve(address: str, *, insecure: bool = False, config: AgentConfig = AgentCo
         log.warning("COREPEEK_TEST_PROC_DUMPABLE=1 (tests only): dumpability from /proc, "
                     "not PIDFD_INFO_COREDUMP")
     raise_malloc_thresholds()
+    # Clones a killed predecessor left (their zombies under their targets).
+    ledger.sweep(config.clone_state_dir, config.default_thread_timeout)
     certificates = ReloadingCertificates(tls) if tls is not None else None
     guard = Guard.for_listener(local_transport=certificates is None, policy_path=policy_path,
                                audit_path=audit_log, sessions_per_minute=sessions_per_minute)

@@ -6,10 +6,11 @@ Errors become gRPC statuses here and only here, from ``CorepeekError.code``.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import grpc
@@ -25,6 +26,7 @@ from .listing import list_processes
 from .mapped_files import FileServer
 from .policy import local_default_policy
 from .registry import SessionRegistry
+from .snapshot import ledger
 from .session import (DEFAULT_CHUNK, MAX_CHUNK, MODE_FULL, MODE_NOTES, MODE_STACKS,
                       CaptureSession, Chunk, SessionOptions)
 from .sockbuf import DEFAULT_BUFFER_BYTES
@@ -71,6 +73,11 @@ class AgentConfig:
     # Send buffer of every accepted connection (sockbuf.py); 0 keeps the kernel's.
     socket_buffer_bytes: int = DEFAULT_BUFFER_BYTES
 
+    # Where snapshot clones are recorded for a restarted agent to clean up
+    # (snapshot/ledger.py); COREPEEK_STATE_DIR overrides the default.
+    clone_state_dir: str = field(
+        default_factory=lambda: os.environ.get("COREPEEK_STATE_DIR", ledger.DEFAULT_DIR))
+
     @property
     def lifetimes(self) -> Lifetimes:
         return Lifetimes(first_request=self.first_request_seconds,
@@ -93,8 +100,25 @@ def session_options(opts: pb.CaptureOptions, config: AgentConfig) -> SessionOpti
         mode=_MODES[opts.mode],
         chunk_size=opts.max_chunk_bytes or DEFAULT_CHUNK,
         stack_bytes=min(stack, 1 << 30),       # the policy rule clamps it further
-        snapshot=opts.snapshot,
+        snapshot=wants_snapshot(opts),
+        clone_state_dir=config.clone_state_dir,
         packed=opts.packed_chunks)
+
+
+def wants_snapshot(opts: pb.CaptureOptions) -> bool:
+    """Snapshot or live: explicit (freeze_mode, or the older ``snapshot=true``),
+    else the default: a snapshot for FULL and STACKS captures, live for NOTES
+    (they read no memory and thaw once the notes are built)."""
+    if opts.freeze_mode not in (pb.FREEZE_MODE_DEFAULT, pb.FREEZE_MODE_LIVE,
+                                pb.FREEZE_MODE_SNAPSHOT):
+        raise InvalidRequest(f"unknown freeze_mode {opts.freeze_mode}")
+    if opts.freeze_mode == pb.FREEZE_MODE_LIVE:
+        if opts.snapshot:
+            raise InvalidRequest("freeze_mode LIVE contradicts snapshot=true")
+        return False
+    if opts.snapshot or opts.freeze_mode == pb.FREEZE_MODE_SNAPSHOT:
+        return True
+    return _MODES[opts.mode] != MODE_NOTES
 
 
 def wait_exclusive(opts: pb.CaptureOptions) -> float:
@@ -158,6 +182,7 @@ def layout_message(s: CaptureSession) -> pb.CoreLayout:
         mode=_MODE_ENUM[s.options.mode],
         readable=[pb.ByteRange(offset=o, length=n) for o, n in s.readable],
         snapshot=s.snapshot is not None, snapshot_status=s.snapshot_status,
+        snapshot_reason=s.snapshot_reason,
         stopped_micros=int(s.frozen_seconds * 1e6), target_running=s.target_running,
         joined=s.joined, freeze_id=s.freeze_id, files=files)
     if s.options.mode == MODE_STACKS:
@@ -442,6 +467,9 @@ class CoreCaptureServicer(StoreRpcs, UploadRpcs, pb_grpc.CoreCaptureServiceServi
             if options.mode == MODE_NOTES:
                 # Thawed already: the stream keeps neither the pid nor a slot.
                 self.registry.remove(session)
+            guard.record.snapshot = {"taken": session.snapshot is not None,
+                                     "reason": session.snapshot_reason,
+                                     "status": session.snapshot_status}
             if not session.joined:
                 log.info("session %s: pid %d frozen (%d threads, %.1f ms), core %d bytes",
                          session.id, session.pid, len(session.threads),

@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 
 from corepeek_format import dynlink, regions
 
-from . import mapped_files, precheck, procfs, snapshot
+from . import mapped_files, precheck, procfs
 from .arch import ARCHES, ArchSpec
 from .arch.base import select_arch
 from .elfcore.dumpfilter import vma_dump_size
@@ -33,7 +33,9 @@ from .exposure import Exposure, subtract
 from .freezer import Freezer, FreezeResult
 from .memory import IOV_MAX, MemoryReader
 from .shared import HeldState, SharedHold
-from .snapshot import Snapshot, SnapshotReader, SnapshotUnavailable
+from .snapshot import Snapshot
+from .snapshot.attach import make_snapshot
+from .snapshot.ledger import Ledger
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,9 @@ class SessionOptions:
     # CLONE_FILES (share the fd table) rather than a copied table closed with
     # close_range() in the clone; agent-internal, for measurements.
     snapshot_share_files: bool = True
+    # Where the agent records its clones for a restarted agent to clean up
+    # (snapshot/ledger.py); "" records nothing (in-process use).
+    clone_state_dir: str = ""
     # The client understands packed chunks (CoreChunk.extents): small
     # populated runs of sparse memory travel many to a message.
     packed: bool = False
@@ -144,6 +149,7 @@ class CaptureSession:
         # not made, and the segments read after the thaw (may be newer).
         self.snapshot: Snapshot | None = None
         self.snapshot_status = ""
+        self.snapshot_reason = ""       # the fallback's code (snapshot/attach.py)
         self.read_after_thaw: frozenset[int] = frozenset()
         self.bytes_served = 0
         self.opened_at = 0.0
@@ -258,7 +264,10 @@ class CaptureSession:
         except CoreTooLarge as exc:     # open() thaws at once
             raise CoreTooLargeForElf32(f"pid {self.pid}: {exc}") from None
         self._dumped = dumped
-        self._anon_private = [not d.mapping.file_backed and not d.mapping.shared for d in dumped]
+        # Holes come from the pagemap of private anonymous memory only; the
+        # [vdso] is read whole (the kernel's dump faults in its pages too).
+        self._anon_private = [not d.mapping.file_backed and not d.mapping.shared
+                              and d.mapping.path != "[vdso]" for d in dumped]
         # Reading pages the target shares copy-on-write with another process
         # through process_vm_readv would make the kernel copy them into the
         # target (FOLL_PIN unshares): such mappings are read via /proc/PID/mem.
@@ -267,52 +276,20 @@ class CaptureSession:
         self.readable = self._readable_ranges(arch)
 
     def _take_snapshot(self) -> None:
-        """Snapshot mode: clone the frozen target, thaw it, serve memory from the clone.
-
-        The layout and notes are the original's (built while frozen).  Private
-        memory the clone lacks (MADV_DONTFORK / MADV_WIPEONFORK) is read from
-        the original first, up to ``snapshot.PREREAD_BUDGET``; the rest of it is
-        read from the running original later and flagged read_after_thaw.  If
-        no clone can be made, the target stays frozen and this is a live
-        capture; ``snapshot_status`` says why.
-        """
-        assert self._freezer is not None and self.freeze is not None
-        original = self._reader
-        assert original is not None
-        fr, freezer = self.freeze, self._freezer
-        maps = [d.mapping for d in self._dumped]
-        why = snapshot.obstacle(fr.arch, fr.threads, maps)
-        if why:
-            self._snapshot_fallback(why)
+        """Snapshot mode: clone the frozen target, thaw it, serve memory from the
+        clone (snapshot/attach.py); if no clone is made, the target stays frozen
+        and this is a live capture, ``snapshot_status`` and ``snapshot_reason`` say why."""
+        assert self._freezer is not None and self.freeze is not None and self._reader is not None
+        ledger = Ledger(self.options.clone_state_dir) if self.options.clone_state_dir else None
+        out = make_snapshot(self.pid, self._freezer, self.freeze, self._dumped, self._reader,
+                            thread_timeout=self.options.thread_timeout,
+                            share_files=self.options.snapshot_share_files, ledger=ledger,
+                            opened_at=self.opened_at)
+        if out.snapshot is None:
+            self._snapshot_fallback(out.reason, out.status)
             return
-        held, later = snapshot.preread(original, self._dumped)
-
-        def read(addr: int, n: int) -> bytes:
-            buf = bytearray(n)
-            return bytes(buf[:original.read_into(addr, buf)])
-
-        try:
-            snap = freezer.run_on_tracer(lambda: snapshot.take_snapshot(
-                freezer, fr, maps, read, thread_timeout=self.options.thread_timeout,
-                share_files=self.options.snapshot_share_files))
-        except SnapshotUnavailable as exc:
-            self._snapshot_fallback(str(exc))
-            return
-        self.snapshot = snap
-        try:
-            self._reader = SnapshotReader(
-                snap.clone_pid, original, held,
-                [(self._dumped[i].mapping.start, self._dumped[i].mapping.start +
-                  self._dumped[i].dump_size) for i in later])
-        except OSError:
-            # The session ended meanwhile (its tracer thread killed the clone).
-            raise ProcessGone(f"snapshot clone {snap.clone_pid} of pid {self.pid} is gone"
-                              ) from None
-        self.read_after_thaw = frozenset(snapshot.read_after_thaw(self._dumped, later))
-        log.info("pid %d: snapshot clone %d made; target frozen %.1f ms (clone() %.1f ms), "
-                 "%d bytes of private copies held, %d regions read after the thaw",
-                 self.pid, snap.clone_pid, (freezer.target_detached_at - self.opened_at) * 1e3,
-                 snap.clone_seconds * 1e3, sum(h.held_bytes for h in held), len(later))
+        self.snapshot, self._reader = out.snapshot, out.reader
+        self.read_after_thaw = out.read_after_thaw
 
     # -- sharing (shared.py) ------------------------------------------------------
 
@@ -351,8 +328,8 @@ class CaptureSession:
         self._dumped, self._anon_private, self.files = held.dumped, held.anon_private, held.files
         self.snapshot, self.read_after_thaw = held.snapshot, held.read_after_thaw
         if self.options.snapshot and held.snapshot is None:
-            self.snapshot_status = ("snapshot not taken: joined a live capture of this pid "
-                                    "already in progress")
+            self._snapshot_fallback("joined_live", "snapshot not taken: joined a live capture "
+                                    "of this pid already in progress")
         assert held.freeze is not None
         self.readable = self._readable_ranges(held.freeze.arch)
         if self.options.mode == MODE_NOTES:
@@ -378,8 +355,8 @@ class CaptureSession:
         else:
             self.thaw()
 
-    def _snapshot_fallback(self, why: str) -> None:
-        self.snapshot_status = f"snapshot not taken, live capture instead: {why}"
+    def _snapshot_fallback(self, reason: str, status: str) -> None:
+        self.snapshot_reason, self.snapshot_status = reason, status
         log.warning("pid %d: %s", self.pid, self.snapshot_status)
 
     def _read_head(self, m: Mapping) -> bytes | None:
@@ -463,7 +440,13 @@ class CaptureSession:
 
         Its traced threads stay zombies until the tracer reaps them, so the
         pidfd alone does not tell; the thread memory is read through does.
+        A snapshot outlives its target (exit or exec): the clone still holds
+        the image, so only the clone's death fails a snapshot capture.
         """
+        if self.snapshot is not None:
+            if self.expired:
+                raise SessionExpired.after(self.options.max_freeze)
+            return                  # the clone's reader raises ProcessGone if it died
         dead = self._pidfd >= 0 and pidfd_exited(self._pidfd)
         if not dead and self._reader is not None:
             try:

@@ -70,7 +70,7 @@ def agents(tmp_path_factory: pytest.TempPathFactory, build, require_root: None) 
 
 def _refusal(agent: AgentProcess, pid: int) -> CaptureError:
     with pytest.raises(CaptureError) as exc:
-        open_capture(agent.address, pid)
+        open_capture(agent.address, pid, snapshot=False)
     return exc.value
 
 
@@ -122,7 +122,7 @@ def test_nondumpable_root_target_is_refused_by_the_fallback(agents: Agents) -> N
 def test_dumpable_nobody_target_is_captured_through_the_fallback(agents: Agents) -> None:
     exe, args = as_user(agents.threads, NOBODY)
     with Target(exe, args) as t:
-        with open_capture(agents.fallback.address, t.pid) as core:
+        with open_capture(agents.fallback.address, t.pid, snapshot=False) as core:
             assert core.read_bytes(0, 4) == b"\x7fELF"
             assert set(t.thread_states().values()) == {"t"}
         assert_thawed_and_undisturbed(t)

@@ -38,7 +38,7 @@ def short_freeze_agent(tmp_path: Path, require_root: None) -> Iterator[AgentProc
 def test_max_freeze_reaches_an_idle_client_as_deadline_exceeded(short_freeze_agent,
                                                                 build) -> None:
     with Target(build("threads")) as t:
-        with open_capture(short_freeze_agent.address, t.pid) as core:
+        with open_capture(short_freeze_agent.address, t.pid, snapshot=False) as core:
             opened = time.monotonic()
             assert set(t.thread_states().values()) == {"t"}
             wait_thawed(t, timeout=10)
@@ -74,10 +74,10 @@ def test_max_freeze_reaches_a_stalled_client_as_deadline_exceeded(short_freeze_a
 def test_max_freeze_counts_from_the_first_freeze_for_every_joined_session(
         short_freeze_agent, build) -> None:
     with Target(build("threads")) as t:
-        with open_capture(short_freeze_agent.address, t.pid) as a:
+        with open_capture(short_freeze_agent.address, t.pid, snapshot=False) as a:
             opened = time.monotonic()
             time.sleep(0.7)
-            with open_capture(short_freeze_agent.address, t.pid) as b:
+            with open_capture(short_freeze_agent.address, t.pid, snapshot=False) as b:
                 assert b.layout.joined
                 wait_thawed(t, timeout=10)
                 thawed = time.monotonic() - opened
@@ -102,7 +102,7 @@ def test_target_traced_by_strace_is_refused_naming_the_tracer(agent, build) -> N
                 assert time.monotonic() < deadline, "strace never attached"
                 time.sleep(0.02)
             with pytest.raises(CaptureError) as exc:
-                open_capture(agent.address, t.pid)
+                open_capture(agent.address, t.pid, snapshot=False)
             assert exc.value.code == grpc.StatusCode.FAILED_PRECONDITION
             assert f"already traced by pid {strace.pid} (strace)" in str(exc.value), \
                 str(exc.value)
@@ -123,7 +123,7 @@ def test_bad_wait_exclusive_is_invalid_argument_and_freezes_nothing(agent, build
                                                                     wait: float) -> None:
     with Target(build("threads")) as t:
         with pytest.raises(CaptureError) as exc:
-            open_capture(agent.address, t.pid, wait_exclusive=wait)
+            open_capture(agent.address, t.pid, wait_exclusive=wait, snapshot=False)
         assert exc.value.code == grpc.StatusCode.INVALID_ARGUMENT
         assert "wait_exclusive_seconds must be between 0 and 300" in str(exc.value)
         assert_thawed_and_undisturbed(t)

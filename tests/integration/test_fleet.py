@@ -404,7 +404,7 @@ def test_metrics_move_with_captures(build, require_root, tmp_path: Path) -> None
                 during = scrape(mport)
                 notes = core.read_bytes(core.layout.notes.offset, core.layout.notes.length)
             after = scrape(mport)
-            with open_capture(a.address, t.pid, mode="stacks"):
+            with open_capture(a.address, t.pid, mode="stacks", snapshot=False):
                 during_stacks = scrape(mport)
             assert_thawed_and_undisturbed(t)
         # while a capture is open: a notes capture has thawed its target once the

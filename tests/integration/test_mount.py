@@ -61,7 +61,7 @@ class Mounted:
 @pytest.fixture
 def mounted(agent, private_target, tmp_path: Path) -> Iterator[tuple[Mounted, object, dict]]:
     t, ids = private_target
-    m = Mounted(agent.address, t.pid, tmp_path / "mnt", tmp_path / "cache")
+    m = Mounted(agent.address, t.pid, tmp_path / "mnt", tmp_path / "cache", "--live")
     try:
         yield m, t, ids
     finally:
@@ -207,7 +207,7 @@ def test_target_exiting_while_mounted_gives_eio(agent, build, tmp_path: Path) ->
     from harness.targets import Target
 
     with Target(build("threads")) as t:
-        m = Mounted(agent.address, t.pid, tmp_path / "mnt", tmp_path / "cache")
+        m = Mounted(agent.address, t.pid, tmp_path / "mnt", tmp_path / "cache", "--live")
         try:
             with open(m.mnt / "core", "rb") as f:
                 assert f.read(4) == b"\x7fELF"
@@ -238,9 +238,10 @@ def test_target_exiting_while_mounted_gives_eio(agent, build, tmp_path: Path) ->
         assert_thawed_and_undisturbed(t2)
 
 
-def test_a_snapshot_mount_lets_the_target_run(agent, private_target, tmp_path: Path) -> None:
+def test_the_default_mount_is_a_snapshot_and_lets_the_target_run(agent, private_target,
+                                                                  tmp_path: Path) -> None:
     t, _ = private_target
-    m = Mounted(agent.address, t.pid, tmp_path / "mnt", tmp_path / "cache", "--snapshot")
+    m = Mounted(agent.address, t.pid, tmp_path / "mnt", tmp_path / "cache")
     try:
         wait_thawed(t)                  # running while mounted: the clone is served
         before = t.status()["heartbeat"]

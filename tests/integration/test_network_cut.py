@@ -49,7 +49,7 @@ def test_cut_link_thaws_the_target_within_the_keepalive_bound(build, require_roo
                          credentials=grpc.ssl_channel_credentials(ca.path.read_bytes(), key, cert))
         target = host.spawn(build("threads"))
         tls = TLSOptions(ca=str(ca.path), cert=str(client.cert), key=str(client.key))
-        core = open_capture(host.address(PORT), host.ns_pid(target.pid), tls=tls)
+        core = open_capture(host.address(PORT), host.ns_pid(target.pid), tls=tls, snapshot=False)
         try:
             assert core.read_bytes(0, 4) == b"\x7fELF"
             assert set(target.thread_states().values()) == {"t"}

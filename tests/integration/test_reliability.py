@@ -49,7 +49,7 @@ def test_client_killed_mid_stream_thaws_the_target(agent, build, tmp_path: Path)
     client = textwrap.dedent(f"""
         import sys, time
         from corepeek.remote import open_capture
-        core = open_capture({agent.address!r}, int(sys.argv[1]))
+        core = open_capture({agent.address!r}, int(sys.argv[1]), snapshot=False)
         core.read_bytes(0, 4096)
         print("open", flush=True)
         time.sleep(600)
@@ -73,7 +73,8 @@ def test_client_that_stops_reading_is_cut_off_by_the_max_freeze(own_agent, build
     with Target(build("bigmem"), ["-m", "256"]) as t:
         with grpc.insecure_channel(own_agent.address) as ch:
             reqs: queue.Queue[pb.CaptureRequest | None] = queue.Queue()
-            reqs.put(pb.CaptureRequest(open=pb.OpenCapture(pid=t.pid)))
+            reqs.put(pb.CaptureRequest(open=pb.OpenCapture(
+                pid=t.pid, options=pb.CaptureOptions(freeze_mode=pb.FREEZE_MODE_LIVE))))
             call = pb_grpc.CoreCaptureServiceStub(ch).Capture(iter(reqs.get, None))
             layout = next(call).layout
             t0 = time.monotonic()
@@ -96,7 +97,7 @@ def test_agent_killed_mid_freeze_leaves_the_target_running(build, tmp_path: Path
     a = start_agent(tmp_path)
     try:
         with Target(build("threads"), watcher=build("parent_watch")) as t:
-            core = open_capture(a.address, t.pid)
+            core = open_capture(a.address, t.pid, snapshot=False)
             wait_frozen(t)
             a.proc.kill()
             thaw = wait_thawed(t, timeout=5)
@@ -114,7 +115,7 @@ def test_agent_sigterm_thaws_every_session_then_exits(build, tmp_path: Path, req
     a = start_agent(tmp_path)
     try:
         with Target(build("threads")) as t1, Target(build("threads")) as t2:
-            cores = [open_capture(a.address, t.pid) for t in (t1, t2)]
+            cores = [open_capture(a.address, t.pid, snapshot=False) for t in (t1, t2)]
             wait_frozen(t1)
             wait_frozen(t2)
             a.proc.send_signal(signal.SIGTERM)
@@ -132,7 +133,7 @@ def test_agent_sigterm_thaws_every_session_then_exits(build, tmp_path: Path, req
 
 def test_target_killed_mid_stream_gives_not_found_and_the_agent_carries_on(agent, build) -> None:
     with Target(build("threads")) as t:
-        with open_capture(agent.address, t.pid) as core:
+        with open_capture(agent.address, t.pid, snapshot=False) as core:
             seg = next(s for s in core.layout.segments if s.file_size >= 4096 and not s.name)
             t.send_signal(signal.SIGKILL)
             # Readiness: every thread is dead (zombies the tracer has yet to reap).
@@ -141,7 +142,7 @@ def test_target_killed_mid_stream_gives_not_found_and_the_agent_carries_on(agent
                 core.read_bytes(seg.file_offset, 4096)
             assert exc.value.code == grpc.StatusCode.NOT_FOUND, exc.value
     with Target(build("threads")) as t:
-        with open_capture(agent.address, t.pid) as core:
+        with open_capture(agent.address, t.pid, snapshot=False) as core:
             assert core.read_bytes(0, 4) == b"\x7fELF"
         assert_thawed_and_undisturbed(t)
 
@@ -189,7 +190,7 @@ def test_target_that_keeps_calling_exec(agent, build) -> None:
         _wait_generation_above(proc.pid, 0)
         for _ in range(30):
             try:
-                with open_capture(agent.address, proc.pid) as core:
+                with open_capture(agent.address, proc.pid, snapshot=False) as core:
                     assert core.read_bytes(0, 4) == b"\x7fELF"
                     core.read_bytes(0, core.size)
                 outcomes["ok"] = outcomes.get("ok", 0) + 1
@@ -208,7 +209,7 @@ def test_target_that_keeps_calling_exec(agent, build) -> None:
 def test_threads_created_and_exiting_during_the_freeze(agent, build) -> None:
     with Target(build("churn"), ["-n", "4"]) as t:
         for _ in range(20):
-            with open_capture(agent.address, t.pid) as core:
+            with open_capture(agent.address, t.pid, snapshot=False) as core:
                 listed = {th.tid for th in core.layout.threads}
                 assert all(th.frozen for th in core.layout.threads)
                 alive_now = set(t.tids())
@@ -263,7 +264,7 @@ def _agent_resources(pid: int) -> tuple[int, int, int]:
 def test_many_sequential_captures_keep_the_agent_flat(own_agent, build, count: int) -> None:
     with Target(build("churn"), ["-n", "1"]) as t:
         def one() -> None:
-            with open_capture(own_agent.address, t.pid) as core:
+            with open_capture(own_agent.address, t.pid, snapshot=False) as core:
                 core.read_bytes(0, core.size)
         for _ in range(10):
             one()
@@ -289,9 +290,10 @@ def test_32_concurrent_sessions_and_the_33rd_is_refused(build, tmp_path: Path,
             targets = [stack.enter_context(Target(build("bigmem"), ["-m", "16", "-t", "2"]))
                        for _ in range(33)]
             cores = list(ThreadPoolExecutor(8).map(
-                lambda t: stack.enter_context(open_capture(a.address, t.pid)), targets[:32]))
+                lambda t: stack.enter_context(open_capture(a.address, t.pid, snapshot=False)),
+                targets[:32]))
             with pytest.raises(CaptureError) as exc:
-                open_capture(a.address, targets[32].pid)
+                open_capture(a.address, targets[32].pid, snapshot=False)
             assert exc.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
             sizes = list(ThreadPoolExecutor(8).map(lambda c: len(c.read_bytes(0, c.size)), cores))
             assert all(s == c.size for s, c in zip(sizes, cores))

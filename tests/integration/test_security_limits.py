@@ -26,7 +26,7 @@ def test_concurrent_sessions_are_capped(tmp_path: Path, build) -> None:
     a = start_agent(tmp_path, "--max-sessions", "1", "--audit-log", str(tmp_path / "audit"))
     try:
         with Target(build("threads")) as t1, Target(build("threads")) as t2:
-            with open_capture(a.address, t1.pid, mode="stacks"):
+            with open_capture(a.address, t1.pid, mode="stacks", snapshot=False):
                 # WHEN a second session would freeze a second process
                 with pytest.raises(CaptureError) as exc:
                     open_capture(a.address, t2.pid, mode="notes")
@@ -49,7 +49,7 @@ def test_max_freeze_thaws_and_ends_the_stream(tmp_path: Path, build) -> None:
     try:
         with Target(build("threads")) as t:
             t.command("resetgap")
-            core = open_capture(a.address, t.pid)
+            core = open_capture(a.address, t.pid, snapshot=False)
             try:
                 opened = time.monotonic()
                 assert set(t.thread_states().values()) == {"t"}
@@ -134,7 +134,7 @@ def test_byte_budget_per_session(tmp_path: Path, build) -> None:
     a = start_agent(tmp_path, "--policy", str(policy), "--audit-log", str(tmp_path / "audit"))
     try:
         with Target(build("threads")) as t:
-            with open_capture(a.address, t.pid, chunk_bytes=64 * 1024) as core:
+            with open_capture(a.address, t.pid, chunk_bytes=64 * 1024, snapshot=False) as core:
                 assert core.size > budget
                 # headers and notes fit in the budget ...
                 core.read_bytes(0, core.layout.notes.offset + core.layout.notes.length)

@@ -89,7 +89,8 @@ def env(tmp_path_factory: pytest.TempPathFactory, require_root: None) -> Iterato
 
 
 def _captured(e: Env, t: Target, rule: str) -> None:
-    with open_capture(e.agent.address, t.pid, tls=tls_options(e.pki, e.pki.oncall)) as core:
+    with open_capture(e.agent.address, t.pid, tls=tls_options(e.pki, e.pki.oncall),
+                      snapshot=False) as core:
         assert core.read_bytes(0, 4) == b"\x7fELF"
         assert set(t.thread_states().values()) == {"t"}
     assert_thawed_and_undisturbed(t)
@@ -98,7 +99,7 @@ def _captured(e: Env, t: Target, rule: str) -> None:
 
 def _refused(e: Env, t: Target) -> None:
     with pytest.raises(CaptureError) as exc:
-        open_capture(e.agent.address, t.pid, tls=tls_options(e.pki, e.pki.oncall))
+        open_capture(e.agent.address, t.pid, tls=tls_options(e.pki, e.pki.oncall), snapshot=False)
     assert exc.value.code == grpc.StatusCode.PERMISSION_DENIED, exc.value
     assert_untouched(t)
     assert wait_audit(e.audit, pid=t.pid)["outcome"] == "refused"

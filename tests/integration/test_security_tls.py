@@ -75,7 +75,7 @@ def tls_agent(tmp_path_factory: pytest.TempPathFactory, pki: PKI, build,
 
 def _refused_capture(a: TLSAgent, pki: PKI, pair, pid: int, mode: str = "full") -> CaptureError:
     with pytest.raises(CaptureError) as exc:
-        open_capture(a.address, pid, tls=tls_options(pki, pair), mode=mode)
+        open_capture(a.address, pid, tls=tls_options(pki, pair), mode=mode, snapshot=False)
     return exc.value
 
 
@@ -157,7 +157,8 @@ def test_identities_the_policy_does_not_name_are_denied(tls_agent: TLSAgent, pki
 def test_oncall_takes_a_full_core_and_it_is_audited(tls_agent: TLSAgent, pki: PKI,
                                                     build) -> None:
     with Target(build("threads")) as t:
-        with open_capture(tls_agent.address, t.pid, tls=tls_options(pki, pki.oncall)) as core:
+        with open_capture(tls_agent.address, t.pid, tls=tls_options(pki, pki.oncall),
+                          snapshot=False) as core:
             assert set(t.thread_states().values()) == {"t"}
             data = core.read_bytes(0, core.size)
             assert data[:4] == b"\x7fELF" and len(data) == core.size

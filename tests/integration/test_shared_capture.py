@@ -55,9 +55,9 @@ def test_two_live_captures_share_one_freeze(audited_agent, build, tmp_path: Path
     with Target(build("threads"), watcher=build("parent_watch")) as t:
         t.command("resetgap")
         opened = time.monotonic()
-        a = open_capture(audited_agent.address, t.pid)
+        a = open_capture(audited_agent.address, t.pid, snapshot=False)
         try:
-            b = open_capture(audited_agent.address, t.pid)
+            b = open_capture(audited_agent.address, t.pid, snapshot=False)
         except BaseException:
             a.close()
             raise
@@ -130,7 +130,7 @@ def test_two_snapshot_captures_share_one_clone(audited_agent, build, tmp_path: P
 
 def test_notes_session_joining_a_full_one_gets_only_notes(audited_agent, build) -> None:
     with Target(build("threads")) as t:
-        with open_capture(audited_agent.address, t.pid) as full:
+        with open_capture(audited_agent.address, t.pid, snapshot=False) as full:
             with open_capture(audited_agent.address, t.pid, mode="notes") as notes:
                 assert notes.layout.joined and notes.layout.mode == pb.CAPTURE_MODE_NOTES
                 assert notes.layout.total_size == full.layout.total_size
@@ -153,10 +153,10 @@ def test_notes_session_joining_a_full_one_gets_only_notes(audited_agent, build) 
 def test_wait_exclusive_refuses_while_held_then_gets_its_own_freeze(audited_agent,
                                                                     build) -> None:
     with Target(build("threads")) as t:
-        with open_capture(audited_agent.address, t.pid) as first:
+        with open_capture(audited_agent.address, t.pid, snapshot=False) as first:
             t0 = time.monotonic()
             with pytest.raises(CaptureError) as exc:
-                open_capture(audited_agent.address, t.pid, wait_exclusive=1.0)
+                open_capture(audited_agent.address, t.pid, wait_exclusive=1.0, snapshot=False)
             waited = time.monotonic() - t0
             assert exc.value.code == grpc.StatusCode.ABORTED
             assert f"pid {t.pid} was still held by another capture after waiting 1 s" in \
@@ -166,7 +166,8 @@ def test_wait_exclusive_refuses_while_held_then_gets_its_own_freeze(audited_agen
             first_id = first.layout.freeze_id
             # WHEN the holder closes during the wait, the waiter freezes afresh
             threading.Timer(0.5, first.close).start()
-            with open_capture(audited_agent.address, t.pid, wait_exclusive=10) as own:
+            with open_capture(audited_agent.address, t.pid, wait_exclusive=10,
+                              snapshot=False) as own:
                 assert not own.layout.joined and own.layout.freeze_id != first_id
                 assert frozen(t)
         wait_thawed(t)
@@ -177,7 +178,7 @@ def test_cli_dump_wait_and_summary(audited_agent, build, tmp_path: Path) -> None
     with Target(build("threads")) as t:
         cmd = [sys.executable, "-m", "corepeek", "dump", "--agent", audited_agent.address,
                str(t.pid)]
-        with open_capture(audited_agent.address, t.pid):
+        with open_capture(audited_agent.address, t.pid, snapshot=False):
             res = subprocess.run(cmd + ["-o", str(tmp_path / "c1"), "--wait", "0.5"],
                                  capture_output=True, text=True, timeout=60)
             assert res.returncode == 1, res.stderr
@@ -188,8 +189,8 @@ def test_cli_dump_wait_and_summary(audited_agent, build, tmp_path: Path) -> None
                                  text=True, timeout=120)
             assert res.returncode == 0, res.stderr
             assert "(shared with another capture) (the whole transfer)" in res.stderr, res.stderr
-        res = subprocess.run(cmd + ["-o", str(tmp_path / "c3")], capture_output=True, text=True,
-                             timeout=120)
+        res = subprocess.run(cmd + ["-o", str(tmp_path / "c3"), "--live"], capture_output=True,
+                             text=True, timeout=120)
         assert res.returncode == 0, res.stderr
         line = res.stderr.strip().splitlines()[-1]
         assert "target stopped for " in line and "(the whole transfer)" in line, line

@@ -26,7 +26,7 @@ def _frozen_states(t: Target) -> dict[int, str]:
 
 def test_frozen_while_the_stream_is_open_and_running_after(agent, build, require_root) -> None:
     with Target(build("threads"), watcher=build("parent_watch")) as t:
-        with open_capture(agent.address, t.pid) as core:
+        with open_capture(agent.address, t.pid, snapshot=False) as core:
             states = _frozen_states(t)
             assert set(states.values()) == {"t"}, states
             assert core.layout.freeze_micros > 0
@@ -38,7 +38,7 @@ def test_frozen_while_the_stream_is_open_and_running_after(agent, build, require
 def test_signals_sent_during_the_freeze_arrive_after_it_in_order(agent, build, require_root) -> None:
     with Target(build("threads"), watcher=build("parent_watch")) as t:
         before = t.status()
-        with open_capture(agent.address, t.pid):
+        with open_capture(agent.address, t.pid, snapshot=False):
             t.send_signal(signal.SIGUSR1)
             for payload in (11, 22, 33, 44):
                 sigqueue(t.pid, SIGRT, payload)
@@ -64,7 +64,7 @@ def test_signal_arriving_during_the_seize_is_not_lost(agent, build, require_root
         for _ in range(20):
             sigqueue(t.pid, SIGRT, sent)
             sent += 1
-            with open_capture(agent.address, t.pid):
+            with open_capture(agent.address, t.pid, snapshot=False):
                 sigqueue(t.pid, SIGRT, sent)
                 sent += 1
         deadline = time.monotonic() + 5
@@ -79,7 +79,7 @@ def test_a_stopped_process_stays_stopped(agent, build, require_root, tmp_path: P
         t.send_signal(signal.SIGSTOP)
         t.wait_state("T")
         seen_before = t.watch_status()
-        with open_capture(agent.address, t.pid) as core:
+        with open_capture(agent.address, t.pid, snapshot=False) as core:
             assert core.layout.total_size > 0
         assert_thawed_and_undisturbed(t, expect_stopped=True)
         assert t.watch_status()["events"] == seen_before["events"]
@@ -123,7 +123,7 @@ def test_eintr_after_a_freeze_is_exactly_what_any_stop_causes(agent, build, requ
     """
     with Target(build("eintr_probe")) as t:
         base = _probe_counts(t)
-        with open_capture(agent.address, t.pid):
+        with open_capture(agent.address, t.pid, snapshot=False):
             assert set(t.thread_states().values()) == {"t"}
         after_freeze = _settled_counts(t, base)
         t.send_signal(signal.SIGSTOP)
@@ -154,7 +154,7 @@ def test_poll_is_not_interrupted_and_keeps_its_deadline(agent, build, require_ro
                 break
             assert time.monotonic() < deadline, st
             time.sleep(0.02)
-        with open_capture(agent.address, t.pid):
+        with open_capture(agent.address, t.pid, snapshot=False):
             assert set(t.thread_states().values()) == {"t"}
             time.sleep(0.5)                       # hold the freeze across the poll
         wait_thawed(t)

@@ -11,10 +11,12 @@
  * Protocol: see cp_common.c. Ready line adds addr=0x.. reserve_bytes=N
  *   touch_bytes=N stride_pages=N page_size=N threads=N.
  * Benchmarks: send "resetgap", freeze, thaw, then "status": maxgap_us is the
- * longest time between two heartbeat ticks.
+ * longest time between two heartbeat ticks.  "fork" -> "forked fork_us=N":
+ * one bare fork() (child exits at once), timed in the process.
  */
 #include "cp_common.c"
 #include <sys/mman.h>
+#include <sys/wait.h>
 
 #define MIB (1024UL * 1024UL)
 
@@ -42,10 +44,22 @@ static void cp_touch(unsigned char *base, size_t off, size_t len)
         w[i] = 0xC0DE000000000000ULL | (uint64_t)(off + i * 8);
 }
 
+/* "fork": a bare fork() of this process (the child exits at once, the
+ * parent reaps it): the page-table copy a snapshot clone also pays.
+ * Reply: "forked fork_us=N" (the fork() call alone). */
 static int target_command(const char *cmd, char *reply, size_t n)
 {
-    (void)cmd, (void)reply, (void)n;
-    return 0;
+    if (strcmp(cmd, "fork"))
+        return 0;
+    long t0 = cp_now_us();
+    pid_t child = fork();
+    long took = cp_now_us() - t0;
+    if (child == 0)
+        _exit(0);
+    if (child > 0)
+        waitpid(child, NULL, 0);
+    snprintf(reply, n, "forked fork_us=%ld", child > 0 ? took : -1L);
+    return 1;
 }
 
 static void target_status(char *buf, size_t n)

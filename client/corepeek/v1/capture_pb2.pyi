@@ -18,12 +18,21 @@ class Compression(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     COMPRESSION_NONE: _ClassVar[Compression]
     COMPRESSION_ZSTD: _ClassVar[Compression]
+
+class FreezeMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    FREEZE_MODE_DEFAULT: _ClassVar[FreezeMode]
+    FREEZE_MODE_LIVE: _ClassVar[FreezeMode]
+    FREEZE_MODE_SNAPSHOT: _ClassVar[FreezeMode]
 CAPTURE_MODE_UNSPECIFIED: CaptureMode
 CAPTURE_MODE_FULL: CaptureMode
 CAPTURE_MODE_STACKS: CaptureMode
 CAPTURE_MODE_NOTES: CaptureMode
 COMPRESSION_NONE: Compression
 COMPRESSION_ZSTD: Compression
+FREEZE_MODE_DEFAULT: FreezeMode
+FREEZE_MODE_LIVE: FreezeMode
+FREEZE_MODE_SNAPSHOT: FreezeMode
 
 class ListProcessesRequest(_message.Message):
     __slots__ = ("comm", "exe_glob", "pid")
@@ -72,7 +81,7 @@ class ListProcessesResponse(_message.Message):
     def __init__(self, processes: _Optional[_Iterable[_Union[ProcessInfo, _Mapping]]] = ..., hostname: _Optional[str] = ...) -> None: ...
 
 class CaptureOptions(_message.Message):
-    __slots__ = ("freeze_timeout_ms", "mode", "max_chunk_bytes", "stack_bytes_per_thread", "snapshot", "packed_chunks", "compression", "wait_exclusive_seconds", "keep")
+    __slots__ = ("freeze_timeout_ms", "mode", "max_chunk_bytes", "stack_bytes_per_thread", "snapshot", "packed_chunks", "compression", "wait_exclusive_seconds", "keep", "freeze_mode")
     FREEZE_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -82,6 +91,7 @@ class CaptureOptions(_message.Message):
     COMPRESSION_FIELD_NUMBER: _ClassVar[int]
     WAIT_EXCLUSIVE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     KEEP_FIELD_NUMBER: _ClassVar[int]
+    FREEZE_MODE_FIELD_NUMBER: _ClassVar[int]
     freeze_timeout_ms: int
     mode: CaptureMode
     max_chunk_bytes: int
@@ -91,7 +101,8 @@ class CaptureOptions(_message.Message):
     compression: Compression
     wait_exclusive_seconds: float
     keep: bool
-    def __init__(self, freeze_timeout_ms: _Optional[int] = ..., mode: _Optional[_Union[CaptureMode, str]] = ..., max_chunk_bytes: _Optional[int] = ..., stack_bytes_per_thread: _Optional[int] = ..., snapshot: _Optional[bool] = ..., packed_chunks: _Optional[bool] = ..., compression: _Optional[_Union[Compression, str]] = ..., wait_exclusive_seconds: _Optional[float] = ..., keep: _Optional[bool] = ...) -> None: ...
+    freeze_mode: FreezeMode
+    def __init__(self, freeze_timeout_ms: _Optional[int] = ..., mode: _Optional[_Union[CaptureMode, str]] = ..., max_chunk_bytes: _Optional[int] = ..., stack_bytes_per_thread: _Optional[int] = ..., snapshot: _Optional[bool] = ..., packed_chunks: _Optional[bool] = ..., compression: _Optional[_Union[Compression, str]] = ..., wait_exclusive_seconds: _Optional[float] = ..., keep: _Optional[bool] = ..., freeze_mode: _Optional[_Union[FreezeMode, str]] = ...) -> None: ...
 
 class OpenCapture(_message.Message):
     __slots__ = ("pid", "start_time", "options", "capture_id")
@@ -210,7 +221,7 @@ class ThreadInfo(_message.Message):
     def __init__(self, tid: _Optional[int] = ..., frozen: _Optional[bool] = ..., pc: _Optional[int] = ..., sp: _Optional[int] = ..., comm: _Optional[str] = ..., state: _Optional[str] = ...) -> None: ...
 
 class CoreLayout(_message.Message):
-    __slots__ = ("session_id", "total_size", "headers", "notes", "segments", "threads", "elf_class", "arch", "pid", "start_time", "comm", "exe", "section_headers", "freeze_micros", "max_chunk_bytes", "mode", "readable", "snapshot", "snapshot_status", "compression", "stopped_micros", "target_running", "joined", "freeze_id", "stack_bytes_per_thread", "environment_hidden", "stored_capture_id", "files")
+    __slots__ = ("session_id", "total_size", "headers", "notes", "segments", "threads", "elf_class", "arch", "pid", "start_time", "comm", "exe", "section_headers", "freeze_micros", "max_chunk_bytes", "mode", "readable", "snapshot", "snapshot_status", "compression", "stopped_micros", "target_running", "joined", "freeze_id", "snapshot_reason", "stack_bytes_per_thread", "environment_hidden", "stored_capture_id", "files")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TOTAL_SIZE_FIELD_NUMBER: _ClassVar[int]
     HEADERS_FIELD_NUMBER: _ClassVar[int]
@@ -235,6 +246,7 @@ class CoreLayout(_message.Message):
     TARGET_RUNNING_FIELD_NUMBER: _ClassVar[int]
     JOINED_FIELD_NUMBER: _ClassVar[int]
     FREEZE_ID_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_REASON_FIELD_NUMBER: _ClassVar[int]
     STACK_BYTES_PER_THREAD_FIELD_NUMBER: _ClassVar[int]
     ENVIRONMENT_HIDDEN_FIELD_NUMBER: _ClassVar[int]
     STORED_CAPTURE_ID_FIELD_NUMBER: _ClassVar[int]
@@ -263,11 +275,12 @@ class CoreLayout(_message.Message):
     target_running: bool
     joined: bool
     freeze_id: str
+    snapshot_reason: str
     stack_bytes_per_thread: int
     environment_hidden: bool
     stored_capture_id: str
     files: _containers.RepeatedCompositeFieldContainer[MappedFile]
-    def __init__(self, session_id: _Optional[str] = ..., total_size: _Optional[int] = ..., headers: _Optional[_Union[ByteRange, _Mapping]] = ..., notes: _Optional[_Union[ByteRange, _Mapping]] = ..., segments: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ..., threads: _Optional[_Iterable[_Union[ThreadInfo, _Mapping]]] = ..., elf_class: _Optional[int] = ..., arch: _Optional[str] = ..., pid: _Optional[int] = ..., start_time: _Optional[int] = ..., comm: _Optional[str] = ..., exe: _Optional[str] = ..., section_headers: _Optional[_Union[ByteRange, _Mapping]] = ..., freeze_micros: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., mode: _Optional[_Union[CaptureMode, str]] = ..., readable: _Optional[_Iterable[_Union[ByteRange, _Mapping]]] = ..., snapshot: _Optional[bool] = ..., snapshot_status: _Optional[str] = ..., compression: _Optional[_Union[Compression, str]] = ..., stopped_micros: _Optional[int] = ..., target_running: _Optional[bool] = ..., joined: _Optional[bool] = ..., freeze_id: _Optional[str] = ..., stack_bytes_per_thread: _Optional[int] = ..., environment_hidden: _Optional[bool] = ..., stored_capture_id: _Optional[str] = ..., files: _Optional[_Iterable[_Union[MappedFile, _Mapping]]] = ...) -> None: ...
+    def __init__(self, session_id: _Optional[str] = ..., total_size: _Optional[int] = ..., headers: _Optional[_Union[ByteRange, _Mapping]] = ..., notes: _Optional[_Union[ByteRange, _Mapping]] = ..., segments: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ..., threads: _Optional[_Iterable[_Union[ThreadInfo, _Mapping]]] = ..., elf_class: _Optional[int] = ..., arch: _Optional[str] = ..., pid: _Optional[int] = ..., start_time: _Optional[int] = ..., comm: _Optional[str] = ..., exe: _Optional[str] = ..., section_headers: _Optional[_Union[ByteRange, _Mapping]] = ..., freeze_micros: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., mode: _Optional[_Union[CaptureMode, str]] = ..., readable: _Optional[_Iterable[_Union[ByteRange, _Mapping]]] = ..., snapshot: _Optional[bool] = ..., snapshot_status: _Optional[str] = ..., compression: _Optional[_Union[Compression, str]] = ..., stopped_micros: _Optional[int] = ..., target_running: _Optional[bool] = ..., joined: _Optional[bool] = ..., freeze_id: _Optional[str] = ..., snapshot_reason: _Optional[str] = ..., stack_bytes_per_thread: _Optional[int] = ..., environment_hidden: _Optional[bool] = ..., stored_capture_id: _Optional[str] = ..., files: _Optional[_Iterable[_Union[MappedFile, _Mapping]]] = ...) -> None: ...
 
 class CoreChunk(_message.Message):
     __slots__ = ("offset", "data", "hole_length", "request_id", "last", "extents", "raw_length")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -21,11 +22,15 @@ from ..freezer import Freezer, FreezeResult
 from ..memory import MemoryReader
 from .abi import (ABI_INSNS, ABIS, CLONE_FILES, WALL, WNOHANG, SyscallAbi, clone_args,
                   find_syscall_insn)
+from .ledger import Ledger
 from .inject import STEP_TIMEOUT, _kill_and_reap, _Lost, _wait, inject_syscall
-from .obstacles import SnapshotUnavailable, obstacle, pick_injector
+from .obstacles import SnapshotUnavailable, obstacle_reason, pick_injector
 from .seccomp import seccomp_check
 
 log = logging.getLogger(__name__)
+
+# How long a session's end waits for the zombie's removal (normally ~1 ms).
+REAP_WAIT = 2.0
 
 
 def ns_pids(pid: int) -> list[int]:
@@ -59,6 +64,7 @@ class Snapshot:
     frozen_seconds: float = 0.0     # injection start to the target's detach
     clone_seconds: float = 0.0      # the clone() system call alone
     share_files: bool = True
+    ledger: Ledger | None = None    # the agent's on-disk record of its clones
     released: bool = False
     reaped_in_target: bool = False
     refreeze_seconds: float = 0.0
@@ -69,6 +75,19 @@ class Snapshot:
             return
         self.released = True
         _kill_and_reap(self.clone_pid)
+        # The zombie's removal stops one thread of the target; PTRACE_SEIZE
+        # itself waits for an exec in progress in the target (cred_guard_mutex),
+        # so it runs on a thread of its own that the session waits for a while.
+        worker = threading.Thread(target=self._reap_zombie, daemon=True,
+                                  name=f"reap-{self.target_pid}")
+        worker.start()
+        worker.join(REAP_WAIT)
+        if worker.is_alive():
+            log.warning("pid %d: removing the zombie of snapshot clone %d takes over %.0f s "
+                        "(the target is in exec?); it goes on in the background",
+                        self.target_pid, self.clone_pid, REAP_WAIT)
+
+    def _reap_zombie(self) -> None:
         try:
             self.reaped_in_target, self.refreeze_seconds = reap_in_target(
                 self.target_pid, self.clone_pid, self.abi, self.insn_addr, self.thread_timeout,
@@ -79,11 +98,14 @@ class Snapshot:
         except Exception as exc:  # noqa: BLE001 - never fail the session's end
             log.warning("pid %d: could not remove the zombie of snapshot clone %d: %s",
                         self.target_pid, self.clone_pid, exc)
+        finally:
+            if self.ledger is not None:
+                self.ledger.forget(self.clone_pid)
 
 
 def take_snapshot(freezer: Freezer, fr: FreezeResult, mappings: Sequence[Mapping],
                   read: Callable[[int, int], bytes], *, thread_timeout: float,
-                  share_files: bool = True) -> Snapshot:
+                  share_files: bool = True, ledger: Ledger | None = None) -> Snapshot:
     """Make the clone and detach the target (tracer thread, target frozen).
 
     Raises :class:`SnapshotUnavailable` (the target still frozen, untouched)
@@ -91,14 +113,16 @@ def take_snapshot(freezer: Freezer, fr: FreezeResult, mappings: Sequence[Mapping
     """
     t0 = time.monotonic()
     abi = ABIS.get(fr.arch.name)
-    why = obstacle(fr.arch, fr.threads, mappings)
+    reason, why = obstacle_reason(fr.arch, fr.threads, mappings)
     if why or abi is None:
-        raise SnapshotUnavailable(why or f"no ABI for {fr.arch.name}")
+        raise SnapshotUnavailable(why or f"no ABI for {fr.arch.name}",
+                                  reason or "unsupported_arch")
     insn = fr.arch.syscall_insn
     insn_addr = find_syscall_insn(mappings, insn, read)
     if not insn_addr:
         raise SnapshotUnavailable(f"no {insn.hex(' ')} (system call) instruction found in "
-                                  "the target's [vdso], libc or executable mappings")
+                                  "the target's [vdso], libc or executable mappings",
+                                  "no_instruction")
     flags = CLONE_FILES if share_files else 0
     cargs = clone_args(abi, flags)
     calls: list[tuple[int, Sequence[int]]] = [(abi.nr_clone, cargs),
@@ -113,9 +137,9 @@ def take_snapshot(freezer: Freezer, fr: FreezeResult, mappings: Sequence[Mapping
             continue
         why = seccomp_check(freezer.pid, t.tid, abi, insn_addr + len(insn), calls)
         if why:
-            raise SnapshotUnavailable(why)
+            raise SnapshotUnavailable(why, "seccomp")
         snap = Snapshot(freezer.pid, 0, t.tid, abi, insn_addr, thread_timeout,
-                        share_files=share_files)
+                        share_files=share_files, ledger=ledger)
 
         def adopt(child: int, snap: Snapshot = snap) -> None:
             snap.clone_pid = child
@@ -131,6 +155,8 @@ def take_snapshot(freezer: Freezer, fr: FreezeResult, mappings: Sequence[Mapping
                 snap.clone_pid_in_target = pid_as_seen_by(freezer.pid, child)
             except (ProcessGone, ValueError) as exc:
                 log.warning("pid %d: clone %d: %s", freezer.pid, child, exc)
+            if ledger is not None:
+                ledger.record(freezer.pid, child, snap.clone_pid_in_target, abi.arch, insn_addr)
 
         try:
             inj = inject_syscall(t.tid, abi, insn_addr, abi.nr_clone, cargs,
@@ -139,7 +165,8 @@ def take_snapshot(freezer: Freezer, fr: FreezeResult, mappings: Sequence[Mapping
                                           ptrace_ops.PTRACE_O_TRACEVFORK),
                                  on_child=adopt)
         except (_Lost, OSError) as exc:
-            raise SnapshotUnavailable(f"the clone() injection failed: {exc}") from None
+            raise SnapshotUnavailable(f"the clone() injection failed: {exc}",
+                                      "injection_failed") from None
         if not inj.started:
             # A signal or a group stop came first; the thread stays in that
             # stop with its own registers (the signal goes back at detach).
@@ -152,14 +179,16 @@ def take_snapshot(freezer: Freezer, fr: FreezeResult, mappings: Sequence[Mapping
             continue
         if inj.result < 0 or not snap.clone_pid:
             raise SnapshotUnavailable("clone() failed in the target: " + (
-                os.strerror(-inj.result) if inj.result < 0 else "no child was reported"))
+                os.strerror(-inj.result) if inj.result < 0 else "no child was reported"),
+                "clone_failed")
         snap.clone_seconds = inj.syscall_seconds
         freezer.detach_target()
         snap.frozen_seconds = time.monotonic() - t0
         if not share_files:
             _close_fds_in_clone(snap)
         return snap
-    raise SnapshotUnavailable("no thread could run the injected clone(): " + "; ".join(reasons))
+    raise SnapshotUnavailable("no thread could run the injected clone(): " + "; ".join(reasons),
+                              "no_thread")
 
 
 def _close_fds_in_clone(snap: Snapshot) -> None:
@@ -209,6 +238,21 @@ def reap_in_target(pid: int, child: int, abi: SyscallAbi, insn_addr: int,
     except ProcessGone:
         return True, 0.0
     insn = ABI_INSNS[abi.arch]
+    head = b""
+    for tid in tids:                # a zombie leader has no memory to read: a live thread
+        try:
+            head = _proc_mem_reader(tid)(insn_addr, len(insn))
+        except (ProcessGone, OSError):
+            continue
+        if head:
+            break
+    if head and head != insn:
+        # Another image since (exec): seizing a thread for it would be in
+        # vain, and may wait for the exec itself.  The new image inherits the
+        # zombie; it goes when the target waits with __WALL or exits.
+        log.warning("pid %d: the zombie of snapshot clone %d stays: the target called exec",
+                    pid, child)
+        return False, 0.0
     args = (child_in_target, 0, WALL | WNOHANG, 0)
     last = "no thread could be stopped"
     for tid in tids:

@@ -21,7 +21,15 @@ PREREAD_BUDGET = 64 * 1024 * 1024   # MADV_DONTFORK/WIPEONFORK bytes held per se
 
 
 class SnapshotUnavailable(CorepeekError):
-    """No snapshot could be made; the session falls back to live mode."""
+    """No snapshot could be made; the session falls back to live mode.
+
+    ``reason`` is the short code of the layout's ``snapshot_reason`` and of the
+    agent's fallback counter (docs/snapshot.md lists them).
+    """
+
+    def __init__(self, message: str, reason: str = "other") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 UFFD_FLAGS = frozenset({"um", "uw", "ui"})   # userfaultfd missing / wp / minor
@@ -30,20 +38,27 @@ UFFD_FLAGS = frozenset({"um", "uw", "ui"})   # userfaultfd missing / wp / minor
 def obstacle(arch: ArchSpec, threads: Sequence[FrozenThread],
              mappings: Sequence[Mapping]) -> str:
     """Why no clone should be injected into this frozen target ("" if none)."""
+    return obstacle_reason(arch, threads, mappings)[1]
+
+
+def obstacle_reason(arch: ArchSpec, threads: Sequence[FrozenThread],
+                    mappings: Sequence[Mapping]) -> tuple[str, str]:
+    """(reason code, why) no clone should be injected; ("", "") if none."""
     if arch.name not in ABIS:
-        return f"snapshot mode does not support {arch.name} targets"
+        return "unsupported_arch", f"snapshot mode does not support {arch.name} targets"
     unfrozen = [t.tid for t in threads if not t.stopped]
     if unfrozen:
-        return f"threads {unfrozen} did not freeze"
+        return "not_frozen", f"threads {unfrozen} did not freeze"
     if any(t.group_stop for t in threads):
-        return "the target is stopped by job control (a live capture costs it nothing)"
+        return ("job_control",
+                "the target is stopped by job control (a live capture costs it nothing)")
     if not pick_injector(threads):
-        return "no thread is in a state where a system call can be injected"
+        return "no_thread", "no thread is in a state where a system call can be injected"
     uffd = [m for m in mappings if m.vm_flags & UFFD_FLAGS]
     if uffd:
-        return (f"userfaultfd-registered memory at {uffd[0].start:#x} (a fork would be "
-                "reported to, and may wait for, the userfaultfd monitor)")
-    return ""
+        return "userfaultfd", (f"userfaultfd-registered memory at {uffd[0].start:#x} (a fork "
+                               "would be reported to, and may wait for, the userfaultfd monitor)")
+    return "", ""
 
 
 def pick_injector(threads: Sequence[FrozenThread], leader: int = 0) -> list[FrozenThread]:
@@ -58,12 +73,18 @@ def pick_injector(threads: Sequence[FrozenThread], leader: int = 0) -> list[Froz
     return sorted(ok, key=lambda t: t.tid != leader)
 
 
+# Special mappings /proc/CLONE/mem reads as nothing (measured on 6.18: the
+# clone's [vdso] reads as zeros); a few pages, held like the private copies.
+SPECIAL_UNCOPIED = frozenset({"[vdso]"})
+
+
 def private_copies(dumped: Sequence[DumpedMapping]) -> list[int]:
     """Indexes of dumped mappings the clone does not get (MADV_DONTFORK, ``dc``)
-    or gets zeroed (MADV_WIPEONFORK, ``wf``); MAP_SHARED ones excluded (they are
-    read from the clone like any shared mapping: same pages)."""
+    or gets zeroed (MADV_WIPEONFORK, ``wf``), and the ``[vdso]``; MAP_SHARED
+    ones excluded (they are read from the clone like any shared mapping: same
+    pages)."""
     return [i for i, d in enumerate(dumped) if d.dump_size and not d.mapping.shared
-            and d.mapping.vm_flags & {"dc", "wf"}]
+            and (d.mapping.vm_flags & {"dc", "wf"} or d.mapping.path in SPECIAL_UNCOPIED)]
 
 
 def read_after_thaw(dumped: Sequence[DumpedMapping], from_original: Sequence[int]) -> set[int]:

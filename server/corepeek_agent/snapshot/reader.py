@@ -17,7 +17,7 @@ from .. import procfs
 from ..elfcore.model import DumpedMapping
 from ..errors import ProcessGone
 from ..memory import MemoryReader
-from .obstacles import PREREAD_BUDGET, plan_preread, private_copies
+from .obstacles import PREREAD_BUDGET, SPECIAL_UNCOPIED, plan_preread, private_copies
 
 
 @dataclass
@@ -172,7 +172,7 @@ def preread(reader: MemoryReader, dumped: Sequence[DumpedMapping],
     for i in idx:
         m = dumped[i].mapping
         end = m.start + dumped[i].dump_size
-        if m.file_backed:
+        if m.file_backed or m.path in SPECIAL_UNCOPIED:
             runs = [(m.start, end)]
         else:
             runs = [(s, s + n) for s, n, pop in reader.populated_runs(m.start, end - m.start)
