@@ -91,6 +91,17 @@ class SessionRegistry:
             if hold is not None and hold.released.is_set():
                 del self._holds[session.pid]
 
+    def end(self, session: CaptureSession | None, registered: bool) -> float:
+        """Close ``session`` (it leaves its freeze: the last one out thaws) and
+        forget it; the seconds it kept its target frozen, within max-freeze."""
+        if session is None:
+            return 0.0
+        frozen = min(session.frozen_seconds, session.options.max_freeze)
+        session.close()
+        if registered:
+            self.remove(session)
+        return frozen
+
     def active(self) -> list[CaptureSession]:
         with self._lock:
             return list(self._sessions.values())

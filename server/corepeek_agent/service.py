@@ -513,17 +513,12 @@ class CoreCaptureServicer(StoreRpcs, UploadRpcs, pb_grpc.CoreCaptureServiceServi
             _audit_overdue(guard, watch)
             if files is not None:
                 files.close()
-            frozen = 0.0
+            frozen = self.registry.end(session, registered)
             if session is not None:
-                frozen = min(session.frozen_seconds, session.options.max_freeze)
-                session.close()
-                if registered:
-                    self.registry.remove(session)
                 log.info("session %s: pid %d %s after %.3f s, %d bytes served",
                          session.id, session.pid,
                          "thawed" if session.target_running else "left (another session "
                          "still reads the freeze)", session.frozen_seconds, session.bytes_served)
-            if session is not None:
                 guard.record.freeze_id = session.freeze_id
             guard.finish(
                 session_id=session.id if session else "", frozen_seconds=frozen,

@@ -87,12 +87,8 @@ class UploadRpcs:
             if writer is not None:
                 writer.abort()                                 # nothing under the key
             self.watchdog.forget(watch)
-            frozen = 0.0
+            frozen = self.registry.end(session, registered)
             if session is not None:
-                frozen = min(session.frozen_seconds, session.options.max_freeze)
-                session.close()
-                if registered:
-                    self.registry.remove(session)
                 guard.record.freeze_id = session.freeze_id
             guard.finish(session_id=session.id if session else "", frozen_seconds=frozen,
                          stop_seconds=(session.freeze.freeze_seconds

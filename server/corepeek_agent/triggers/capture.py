@@ -71,12 +71,7 @@ def fire(firing: Firing, ctx: CaptureContext) -> str:
         cg.failed(grpc.StatusCode.INTERNAL, str(exc))
         raise CorepeekError(f"agent error: {exc}") from None
     finally:
-        frozen = 0.0
-        if session is not None:
-            frozen = min(session.frozen_seconds, session.options.max_freeze)
-            session.close()
-            if registered:
-                ctx.registry.remove(session)
+        frozen = ctx.registry.end(session, registered)
         if session is not None:
             cg.record.freeze_id = session.freeze_id
         cg.finish(session_id=session.id if session else "", frozen_seconds=frozen,
