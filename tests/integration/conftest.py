@@ -33,3 +33,17 @@ def audited_agent(tmp_path: Path, require_root: None) -> Iterator[AgentProcess]:
                     str(tmp_path / "audit"))
     yield a
     stop_agent(a)
+
+
+@pytest.fixture
+def s3_server() -> Iterator[str]:
+    """A real S3-compatible server (moto's, in-process) on a loopback port it binds itself."""
+    from moto.server import ThreadedMotoServer   # the [test] extra installs it: no skip
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()

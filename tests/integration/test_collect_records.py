@@ -24,7 +24,7 @@ import pytest
 
 from harness.checks import assert_thawed_and_undisturbed, wait_thawed
 from harness.targets import Target
-from test_fleet import S3_ENV, s3_server  # noqa: F401 - the fixture is used by name
+from test_fleet import S3_ENV
 
 
 def corepeek(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

@@ -307,22 +307,6 @@ def test_zstd_output_decompresses_to_the_core(agent, build, tmp_path: Path) -> N
             assert f.read(4096) == bigmem_words(off, 4096)
 
 
-@pytest.fixture
-def s3_server(tmp_path: Path) -> Iterator[str]:
-    pytest.importorskip("moto")
-    pytest.importorskip("boto3")
-    from moto.server import ThreadedMotoServer
-
-    # Port 0: the server binds a free port itself and says which (no probe-and-release).
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        yield f"http://{host}:{port}"
-    finally:
-        server.stop()
-
-
 S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
           "AWS_DEFAULT_REGION": "us-east-1"}
 
