@@ -99,7 +99,9 @@ def bigmem_target(build, require_root) -> Iterator[Target]:  # type: ignore[no-u
 
 def test_target_killed_mid_dump(agent, bigmem_target: Target, tmp_path: Path) -> None:
     out = tmp_path / "core"
-    proc = start_dump(agent.address, bigmem_target.pid, out)
+    # --live: a snapshot's clone keeps the image and the dump completes
+    # (test_snapshot_default.py); a live capture loses its target.
+    proc = start_dump(agent.address, bigmem_target.pid, out, "--live")
     pause_mid_dump(proc, out)
     bigmem_target.send_signal(signal.SIGKILL)
     # (its killed threads stay zombies until the agent's tracer reaps them)
@@ -156,7 +158,7 @@ def test_max_freeze_ends_the_dump(own_agent, bigmem_target: Target, tmp_path: Pa
     a = start_agent(tmp_path, "--sessions-per-minute", "0", "--max-freeze", "1")
     own_agent.append(a)
     out = tmp_path / "core"
-    proc = start_dump(a.address, bigmem_target.pid, out)
+    proc = start_dump(a.address, bigmem_target.pid, out, "--live")   # frozen throughout
     pause_mid_dump(proc, out)
     thaw = wait_thawed(bigmem_target, timeout=10)  # the agent's watchdog thaws it
     print(f"MEASURED max-freeze 1 s: thawed {thaw:.2f} s after the client paused")
