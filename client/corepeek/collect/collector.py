@@ -130,8 +130,6 @@ class Collector:
                  now: Callable[[], datetime] = lambda: datetime.now(timezone.utc)) -> None:
         if cfg.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}")
-        if cfg.upload and cfg.stored_since > 0:
-            raise CaptureError("--upload takes live processes, not --stored entries")
         if cfg.upload and (cfg.mode != "full" or cfg.compress or not cfg.out.startswith("s3://")):
             raise CaptureError("--upload s3://bucket/prefix uploads full, uncompressed cores "
                                "(no --only, --compress or --out with it)")
