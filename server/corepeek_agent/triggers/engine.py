@@ -40,6 +40,7 @@ class TriggerEngine:
         self.state = state
         self.interval = interval
         self._lock = threading.Lock()
+        self._save_lock = threading.Lock()
         self._triggers: dict[str, Trigger] = {}
         self._evaluator = Evaluator(procfs.CLK_TCK)
         self._stop = threading.Event()
@@ -58,12 +59,13 @@ class TriggerEngine:
         """The RPC-added triggers to disk (a failure is logged: sampling goes on)."""
         if self.state is None:
             return
-        with self._lock:
-            mine = [t for t in self._triggers.values() if t.source == "rpc"]
-        try:
-            self.state.save(mine)
-        except OSError as exc:
-            log.error("triggers: cannot save the RPC-added triggers: %s", exc)
+        with self._save_lock:            # snapshot and write together: the newest wins
+            with self._lock:
+                mine = [t for t in self._triggers.values() if t.source == "rpc"]
+            try:
+                self.state.save(mine)
+            except OSError as exc:
+                log.error("triggers: cannot save the RPC-added triggers: %s", exc)
 
     # -- the triggers ---------------------------------------------------------------
 
