@@ -21,12 +21,14 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from corepeek.v1 import capture_pb2 as pb
 
-from .errors import CorepeekError, InvalidRequest, SessionExpired, as_corepeek_error
+from .errors import (CorepeekError, InvalidRequest, PermissionDenied, SessionExpired,
+                     as_corepeek_error)
 from .keep import copy_readable
 from .ratelimit import ByteBudget
 from .session import MODE_FULL, CaptureSession
 from .stored_session import StoredSession
-from .upload import MultipartWriter, check_allowed, parse_destination, s3_client
+from .upload import (Destination, MultipartWriter, check_allowed, parse_destination,
+                     s3_client)
 
 if TYPE_CHECKING:
     from .authz import CaptureGuard, Guard
@@ -59,9 +61,8 @@ class UploadRpcs:
             if options.mode != MODE_FULL:
                 raise InvalidRequest("an upload is a full core (mode FULL)")
             if request.open.capture_id:
-                stored = self._open_stored_upload(request.open.capture_id, options, guard)
-                check_allowed(dest, stored.decision.rule.uploads   # type: ignore[union-attr]
-                              if stored.decision.rule else (), guard.identity.key)
+                stored = self._open_stored_upload(request.open.capture_id, options, guard,
+                                                  dest)
                 yield pb.UploadProgress(layout=stored.layout_message())
                 source: Any = stored
             else:
@@ -122,23 +123,29 @@ class UploadRpcs:
                                        else 0),
                          expired=bool(session and session.expired), active=context.is_active())
 
-    def _open_stored_upload(self, entry_id: str, options: Any,
-                            guard: CaptureGuard) -> StoredSession:
+    def _open_stored_upload(self, entry_id: str, options: Any, guard: CaptureGuard,
+                            dest: Destination) -> StoredSession:
         """A stored full core the caller may read in full mode (the policy on the
-        stored target's facts, as Capture of a stored entry), audited as such."""
+        stored target's facts, as Capture of a stored entry) and whose admitting
+        rule lists ``dest``; audited as such."""
         guard.admit(0, 0, MODE_FULL)                   # rate limit, a rule names the client
-        stored = StoredSession(self._store(), entry_id, guard.policy,  # type: ignore[attr-defined]
-                               guard.identity.names, MODE_FULL, options.chunk_size)
+        rec = guard.record
+        rec.target = {"stored": entry_id[:64]}
+        store = self._store()                          # type: ignore[attr-defined]
+        stored = StoredSession(store, entry_id, guard.policy, guard.identity.names, MODE_FULL,
+                               options.chunk_size)
         try:
-            rec = guard.record
-            rec.pid, rec.rule = stored.facts.pid, stored.decision.rule.name  # type: ignore[union-attr]
-            rec.target = {"stored": entry_id, "exe": stored.facts.exe,
-                          "comm": stored.facts.comm, "uids": list(stored.facts.uids),
-                          "start_time": stored.facts.start_time}
+            rule = stored.decision.rule
+            if rule is None:                           # fail closed: no rule, no uploads
+                raise PermissionDenied(f"no rule lets {guard.identity.key} upload {entry_id}")
+            rec.pid, rec.rule = stored.facts.pid, rule.name
+            rec.target.update(exe=stored.facts.exe, comm=stored.facts.comm,
+                              uids=list(stored.facts.uids), start_time=stored.facts.start_time)
             if stored.entry.meta.get("mode", MODE_FULL) != MODE_FULL:
                 raise InvalidRequest(
                     f"stored capture {entry_id} holds a {stored.entry.meta['mode']}-mode "
                     "capture; only full cores are uploaded")
+            check_allowed(dest, rule.uploads, guard.identity.key)
             guard.budget = ByteBudget(stored.decision.budget)
         except BaseException:
             stored.close()

@@ -47,9 +47,10 @@ def upload_one(channel: grpc.Channel, m: Match, url: str, rec: CaptureRecord, *,
 
 def stored_matches(endpoint_address: str, host: str, resp: pb.ListCapturesResponse, *,
                    since: float, now: float, comm: str = "", exe_glob: str = "",
-                   pid: int = 0) -> list[Match]:
+                   pid: int = 0, full_only: bool = False) -> list[Match]:
     """``collect --stored``: the entries of an agent's store taken since ``now -
-    since`` seconds that match the selection (corrupt ones are left out)."""
+    since`` seconds that match the selection (corrupt ones are left out; with
+    ``full_only``, for ``--upload``, so are notes and stacks captures)."""
     import fnmatch
 
     return [Match(agent=endpoint_address, host=host, pid=c.pid, comm=c.comm, exe=c.exe,
@@ -58,4 +59,6 @@ def stored_matches(endpoint_address: str, host: str, resp: pb.ListCapturesRespon
             if not c.corrupt and c.time >= now - since
             and (not comm or c.comm == comm)
             and (not exe_glob or fnmatch.fnmatchcase(c.exe, exe_glob))
-            and (not pid or c.pid == pid)]
+            and (not pid or c.pid == pid)
+            and (not full_only or c.mode in (pb.CAPTURE_MODE_FULL,
+                                             pb.CAPTURE_MODE_UNSPECIFIED))]

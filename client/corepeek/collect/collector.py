@@ -176,7 +176,7 @@ class Collector:
                     res.matches = stored_matches(ep.address, res.host, stored,
                                                  since=self.cfg.stored_since, now=time.time(),
                                                  comm=sel.comm, exe_glob=sel.exe_glob,
-                                                 pid=sel.pid)
+                                                 pid=sel.pid, full_only=self.cfg.upload)
                     res.error, res.code = "", None
                     break
                 resp = stub.ListProcesses(self.cfg.selection.request(),
