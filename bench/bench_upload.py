@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -69,25 +70,36 @@ sys.exit(main())
 """
 
 
-def start_s3() -> tuple[object, int]:
+def start_s3(ip: str) -> tuple[object, int]:
     from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)     # one line per request
-    server = ThreadedMotoServer(ip_address="0.0.0.0", port=0, verbose=False)
+    server = ThreadedMotoServer(ip_address=ip, port=0, verbose=False)
     server.start()
     return server, server.get_host_and_port()[1]
 
 
 def start_fleet(tmp: Path, n: int, mib: int, ca: CA, creds: grpc.ChannelCredentials,
-                policy: Path, s3_port: int) -> netns.Fleet:
+                policy: Path) -> tuple[netns.Fleet, object, str]:
+    """``n`` hosts with an agent and a target each, and the S3 server they upload
+    to: listening only on the first host's gateway address (in the root
+    namespace), which every host reaches through its own veth."""
     fleet = netns.Fleet(tmp, n)
     exe = build_target("growmem", tmp)
+    server = None
     try:
+        s3_ip = fleet.hosts[0].gateway
+        server, port = start_s3(s3_ip)
+        endpoint = f"http://{s3_ip}:{port}"
+        for h in fleet.hosts[1:]:
+            subprocess.run(["ip", "-n", h.netns, "route", "add", f"{s3_ip}/32", "via",
+                            h.gateway], check=True)
+
         def up(h: netns.Host) -> None:
             pair = ca.issue(f"agent-{h.hostname}", ips=(h.ip,), server=True)
             h.start_agent(PORT, "--tls-cert", str(pair.cert), "--tls-key", str(pair.key),
                           "--tls-ca", str(ca.path), "--policy", str(policy),
-                          "--s3-endpoint-url", f"http://{h.gateway}:{s3_port}",
+                          "--s3-endpoint-url", endpoint,
                           "--audit-log", str(tmp / f"audit-{h.hostname}.jsonl"),
                           credentials=creds, timeout=120)
             t = h.spawn(exe)
@@ -95,18 +107,20 @@ def start_fleet(tmp: Path, n: int, mib: int, ca: CA, creds: grpc.ChannelCredenti
         with ThreadPoolExecutor(max_workers=8) as pool:
             list(pool.map(up, fleet.hosts))
     except BaseException:
+        if server is not None:
+            server.stop()  # type: ignore[attr-defined]
         fleet.close()
         raise
-    return fleet
+    return fleet, server, endpoint
 
 
-def run_once(fleet: netns.Fleet, tmp: Path, ca: CA, client, s3_port: int, comm: str,
+def run_once(fleet: netns.Fleet, tmp: Path, ca: CA, client, s3, endpoint: str, comm: str,
              how: str, run: int) -> dict:
     n = len(fleet.hosts)
     agents = ",".join(h.address(PORT) for h in fleet.hosts)
-    dest = (["--upload", f"s3://{BUCKET}/{n}/{run}", "--s3-endpoint-url",
-             f"http://127.0.0.1:{s3_port}"] if how == "upload"
-            else ["--out", str(tmp / f"out-{n}-{run}")])
+    prefix = f"{n}/{run}/"
+    dest = (["--upload", f"s3://{BUCKET}/{prefix}", "--s3-endpoint-url", endpoint]
+            if how == "upload" else ["--out", str(tmp / f"out-{n}-{run}")])
     io_file = tmp / f"io-{n}-{how}-{run}"
     load = os.getloadavg()
     t0 = time.monotonic()
@@ -120,18 +134,27 @@ def run_once(fleet: netns.Fleet, tmp: Path, ca: CA, client, s3_port: int, comm: 
     if res.returncode != 0:
         raise RuntimeError(f"collect {how} failed ({res.returncode}):\n{res.stderr[-4000:]}")
     me = json.loads(io_file.read_text())
+    cores = core_bytes(res.stdout, n)
+    if how == "upload":               # every core is in the bucket, complete
+        sizes = [o["Size"] for page in s3.get_paginator("list_objects_v2").paginate(
+            Bucket=BUCKET, Prefix=prefix) for o in page.get("Contents", [])
+            if o["Key"].endswith(".core")]
+        if len(sizes) != n or sum(sizes) != cores:
+            raise RuntimeError(f"expected {n} cores ({cores} bytes) in S3, found {sizes}")
     return {"hosts": n, "how": how, "run": run, "wall_seconds": wall, "load_avg_1m": load[0],
             "cpu_seconds": me["user"] + me["system"], "user_seconds": me["user"],
             "system_seconds": me["system"], "maxrss_kib": me["maxrss_kib"],
             "rchar": me["io"]["rchar"], "wchar": me["io"]["wchar"],
-            "core_bytes": core_bytes(res.stdout)}
+            "core_bytes": cores}
 
 
-def core_bytes(stdout: str) -> int:
-    """Sum of the cores' sizes the manifest (``--json`` on stdout) reports."""
-    doc = json.loads(stdout)
-    caps = [c for c in doc["captures"] if c["status"] == "ok"]
-    return sum(int(c.get("core_bytes") or c.get("bytes") or 0) for c in caps)
+def core_bytes(stdout: str, n: int) -> int:
+    """Sum of the cores' sizes the manifest (``--json`` on stdout) reports, once
+    it says that all ``n`` captures succeeded."""
+    caps = json.loads(stdout)["captures"]
+    if len(caps) != n or any(c["status"] != "ok" for c in caps):
+        raise RuntimeError(f"expected {n} good captures: {caps}")
+    return sum(int(c["bytes"]) for c in caps)
 
 
 def main() -> int:
@@ -152,44 +175,45 @@ def main() -> int:
     os.environ.update(S3_ENV)                # the agents' own credentials (their environment)
     import boto3
 
-    server, s3_port = start_s3()
-    s3 = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{s3_port}", region_name="us-east-1")
-    s3.create_bucket(Bucket=BUCKET)
     runs: list[dict] = []
-    try:
-        with tempfile.TemporaryDirectory(prefix="bench-upload-") as d:
-            tmp = Path(d)
-            ca = CA(tmp / "pki", name="bench-ca")
-            client = ca.issue("collector", uris=(COLLECTOR,))
-            cert, key = client.read()
-            creds = grpc.ssl_channel_credentials(ca.path.read_bytes(), key, cert)
-            policy = tmp / "policy.yaml"
-            policy.write_text(
-                f'version: 1\nlimits: {{sessions_per_minute: 0}}\nrules:\n'
-                f'  - {{name: bench, clients: ["{COLLECTOR}"], modes: [full], '
-                f'uploads: ["s3://{BUCKET}/*"]}}\n')
-            comm = build_target("growmem", tmp).name[:15]
-            for n in args.hosts:
-                t0 = time.monotonic()
-                (tmp / f"fleet{n}").mkdir()
-                fleet = start_fleet(tmp / f"fleet{n}", n, args.mib, ca, creds, policy, s3_port)
-                print(f"{n} hosts up in {time.monotonic() - t0:.1f} s", file=sys.stderr)
+    with tempfile.TemporaryDirectory(prefix="bench-upload-") as d:
+        tmp = Path(d)
+        ca = CA(tmp / "pki", name="bench-ca")
+        client = ca.issue("collector", uris=(COLLECTOR,))
+        cert, key = client.read()
+        creds = grpc.ssl_channel_credentials(ca.path.read_bytes(), key, cert)
+        policy = tmp / "policy.yaml"
+        policy.write_text(
+            f'version: 1\nlimits: {{sessions_per_minute: 0}}\nrules:\n'
+            f'  - {{name: bench, clients: ["{COLLECTOR}"], modes: [full], '
+            f'uploads: ["s3://{BUCKET}/*"]}}\n')
+        comm = build_target("growmem", tmp).name[:15]
+        for n in args.hosts:
+            t0 = time.monotonic()
+            (tmp / f"fleet{n}").mkdir()
+            fleet, server, endpoint = start_fleet(tmp / f"fleet{n}", n, args.mib, ca, creds,
+                                                  policy)
+            print(f"{n} hosts up in {time.monotonic() - t0:.1f} s", file=sys.stderr)
+            try:
+                s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
                 try:
-                    for r in range(args.repeat):
-                        for how in ("pull", "upload"):
-                            row = run_once(fleet, tmp / f"fleet{n}", ca, client, s3_port, comm,
-                                           how, r)
-                            runs.append(row)
-                            print(f"  hosts={n} {how} run={r}: rchar {row['rchar'] >> 20} MiB, "
-                                  f"cpu {row['cpu_seconds']:.2f} s, wall "
-                                  f"{row['wall_seconds']:.1f} s, load {row['load_avg_1m']:.1f}",
-                                  file=sys.stderr)
-                            subprocess.run(["rm", "-rf", str(tmp / f"fleet{n}" / f"out-{n}-{r}")])
-                        clear_bucket(s3)
-                finally:
-                    fleet.close()
-    finally:
-        server.stop()
+                    s3.create_bucket(Bucket=BUCKET)
+                except s3.exceptions.BucketAlreadyOwnedByYou:     # moto's state is global
+                    pass
+                for r in range(args.repeat):
+                    for how in ("pull", "upload"):
+                        row = run_once(fleet, tmp / f"fleet{n}", ca, client, s3, endpoint,
+                                       comm, how, r)
+                        runs.append(row)
+                        print(f"  hosts={n} {how} run={r}: rchar {row['rchar'] >> 20} MiB, "
+                              f"cpu {row['cpu_seconds']:.2f} s, wall "
+                              f"{row['wall_seconds']:.1f} s, load {row['load_avg_1m']:.1f}",
+                              file=sys.stderr)
+                        shutil.rmtree(tmp / f"fleet{n}" / f"out-{n}-{r}", ignore_errors=True)
+                    clear_bucket(s3)
+            finally:
+                server.stop()  # type: ignore[attr-defined]
+                fleet.close()
     summary = summarise(runs, args.hosts)
     print(f"\n{'hosts':>5} {'how':>6} {'cores MiB':>9} {'rchar MiB':>9} {'wchar MiB':>9} "
           f"{'cpu s':>6} {'wall s':>6} {'load':>5}")
