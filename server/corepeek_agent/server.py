@@ -30,6 +30,7 @@ from .store.store import Store
 from .triggers.capture import CaptureContext
 from .triggers.config import DEFAULT_INTERVAL, load_triggers
 from .triggers.engine import TriggerEngine
+from .triggers.persist import TriggerState
 from .snapshot import ledger
 from .tls import ReloadingCertificates, TLSConfigError, TLSFiles
 from .unixsocket import bind_unix
@@ -248,7 +249,7 @@ def serve(address: str, *, insecure: bool = False, config: AgentConfig = AgentCo
         interval = trigger_interval or (trigger_config.interval if trigger_config
                                         else DEFAULT_INTERVAL)
         engine = TriggerEngine(CaptureContext(guard, registry, store, config), interval,
-                               trigger_config)
+                               trigger_config, TriggerState(store.dir_fd))
     server, port, registry = create_server(address, insecure=insecure, config=config,
                                            socket_mode=socket_mode, socket_group=socket_group,
                                            guard=guard, certificates=certificates,

@@ -17,11 +17,14 @@ from .plan import Match
 
 def upload_one(channel: grpc.Channel, m: Match, url: str, rec: CaptureRecord, *,
                freeze_timeout_ms: int = 0, snapshot: bool = False) -> None:
-    """Ask the agent to upload ``m``'s core to ``url``; fills ``rec`` (raises CaptureError)."""
+    """Ask the agent to upload ``m``'s core (a live pid, or with ``collect --stored``
+    an entry of its store) to ``url``; fills ``rec`` (raises CaptureError)."""
     opts = pb.CaptureOptions(mode=pb.CAPTURE_MODE_FULL, freeze_timeout_ms=freeze_timeout_ms,
                              snapshot=snapshot)
-    req = pb.UploadRequest(open=pb.OpenCapture(pid=m.pid, start_time=m.start_time,
-                                               options=opts), destination=url)
+    what = f"stored capture {m.capture_id}" if m.capture_id else f"pid {m.pid}"
+    target = (pb.OpenCapture(capture_id=m.capture_id, options=opts) if m.capture_id
+              else pb.OpenCapture(pid=m.pid, start_time=m.start_time, options=opts))
+    req = pb.UploadRequest(open=target, destination=url)
     done = None
     try:
         for msg in pb_grpc.CoreCaptureServiceStub(channel).Upload(req):
@@ -34,9 +37,9 @@ def upload_one(channel: grpc.Channel, m: Match, url: str, rec: CaptureRecord, *,
             if msg.done:
                 done = msg
     except grpc.RpcError as exc:
-        raise CaptureError.from_rpc(exc, f"upload of pid {m.pid} to {url}") from None
+        raise CaptureError.from_rpc(exc, f"upload of {what} to {url}") from None
     if done is None:
-        raise CaptureError(f"upload of pid {m.pid} to {url}: the agent ended without "
+        raise CaptureError(f"upload of {what} to {url}: the agent ended without "
                            "completing it")
     rec.path, rec.bytes, rec.sha256 = done.url, done.size, done.sha256
     rec.core_bytes, rec.wire_bytes = done.size, 0
@@ -44,9 +47,10 @@ def upload_one(channel: grpc.Channel, m: Match, url: str, rec: CaptureRecord, *,
 
 def stored_matches(endpoint_address: str, host: str, resp: pb.ListCapturesResponse, *,
                    since: float, now: float, comm: str = "", exe_glob: str = "",
-                   pid: int = 0) -> list[Match]:
+                   pid: int = 0, full_only: bool = False) -> list[Match]:
     """``collect --stored``: the entries of an agent's store taken since ``now -
-    since`` seconds that match the selection (corrupt ones are left out)."""
+    since`` seconds that match the selection (corrupt ones are left out; with
+    ``full_only``, for ``--upload``, so are notes and stacks captures)."""
     import fnmatch
 
     return [Match(agent=endpoint_address, host=host, pid=c.pid, comm=c.comm, exe=c.exe,
@@ -55,4 +59,6 @@ def stored_matches(endpoint_address: str, host: str, resp: pb.ListCapturesRespon
             if not c.corrupt and c.time >= now - since
             and (not comm or c.comm == comm)
             and (not exe_glob or fnmatch.fnmatchcase(c.exe, exe_glob))
-            and (not pid or c.pid == pid)]
+            and (not pid or c.pid == pid)
+            and (not full_only or c.mode in (pb.CAPTURE_MODE_FULL,
+                                             pb.CAPTURE_MODE_UNSPECIFIED))]

@@ -135,8 +135,6 @@ class Collector:
                  now: Callable[[], datetime] = lambda: datetime.now(timezone.utc)) -> None:
         if cfg.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}")
-        if cfg.upload and cfg.stored_since > 0:
-            raise CaptureError("--upload takes live processes, not --stored entries")
         if cfg.upload and (cfg.mode != "full" or cfg.compress or not cfg.out.startswith("s3://")):
             raise CaptureError("--upload s3://bucket/prefix uploads full, uncompressed cores "
                                "(no --only, --compress or --out with it)")
@@ -186,7 +184,7 @@ class Collector:
                     res.matches = stored_matches(ep.address, res.host, stored,
                                                  since=self.cfg.stored_since, now=time.time(),
                                                  comm=sel.comm, exe_glob=sel.exe_glob,
-                                                 pid=sel.pid)
+                                                 pid=sel.pid, full_only=self.cfg.upload)
                     res.error, res.code = "", None
                     break
                 resp = stub.ListProcesses(self.cfg.selection.request(),

@@ -1,7 +1,9 @@
 """The sampling thread: sample, evaluate, hand firings to the capture worker.
 
 Triggers come from the --triggers file at start (owned by the identity each
-names, default the policy's local identity) and from AddTrigger.  Captures
+names, default the policy's local identity) and from AddTrigger; those added
+over the RPC are kept in the store directory (persist.py) after every add,
+remove and firing, and restored at start under the identity that set them.  Captures
 run one at a time on a worker thread, so a slow capture delays the next one,
 never the sampling.  The thread's CPU time per sweep and per sampled process
 is kept for the metrics and bench/.
@@ -21,6 +23,7 @@ from . import sampler
 from .capture import CaptureContext, fire
 from .config import TriggerConfig
 from .evaluate import Evaluator, Firing
+from .persist import TriggerState
 from .spec import Trigger, TriggerSpec, validate
 
 log = logging.getLogger(__name__)
@@ -31,10 +34,13 @@ MAX_TRIGGERS = 256
 
 class TriggerEngine:
     def __init__(self, ctx: CaptureContext, interval: float,
-                 config: TriggerConfig | None = None) -> None:
+                 config: TriggerConfig | None = None,
+                 state: TriggerState | None = None) -> None:
         self.ctx = ctx
+        self.state = state
         self.interval = interval
         self._lock = threading.Lock()
+        self._save_lock = threading.Lock()
         self._triggers: dict[str, Trigger] = {}
         self._evaluator = Evaluator(procfs.CLK_TCK)
         self._stop = threading.Event()
@@ -46,6 +52,20 @@ class TriggerEngine:
         for c in (config.triggers if config else ()):
             owner = c.identity or ctx.guard.policy.local_identity
             self._put(Trigger(uuid.uuid4().hex[:12], c.spec, (owner,), "config"))
+        for t in (state.load() if state else ()):
+            self._put(t)
+
+    def _save(self) -> None:
+        """The RPC-added triggers to disk (a failure is logged: sampling goes on)."""
+        if self.state is None:
+            return
+        with self._save_lock:            # snapshot and write together: the newest wins
+            with self._lock:
+                mine = [t for t in self._triggers.values() if t.source == "rpc"]
+            try:
+                self.state.save(mine)
+            except OSError as exc:
+                log.error("triggers: cannot save the RPC-added triggers: %s", exc)
 
     # -- the triggers ---------------------------------------------------------------
 
@@ -64,7 +84,9 @@ class TriggerEngine:
                 raise ResourceExhausted(f"at most {MAX_TRIGGERS_PER_OWNER} triggers per "
                                         f"identity and {MAX_TRIGGERS} in all",
                                         help="remove triggers you no longer need")
-        return self._put(Trigger(uuid.uuid4().hex[:12], spec, owner, "rpc"))
+        t = self._put(Trigger(uuid.uuid4().hex[:12], spec, owner, "rpc"))
+        self._save()
+        return t
 
     def remove(self, trigger_id: str, owner: tuple[str, ...]) -> bool:
         with self._lock:
@@ -76,6 +98,7 @@ class TriggerEngine:
                                        f"{'the agent configuration' if t.source != 'rpc' else 'another identity'}; "
                                        "only its owner may remove it")
             del self._triggers[trigger_id]
+        self._save()
         log.info("trigger %s removed by %s", trigger_id, ",".join(owner))
         return True
 
@@ -119,6 +142,8 @@ class TriggerEngine:
         self.sweeps += 1
         self.sampled += len(samples)
         self.sweep_cpu_seconds += time.thread_time() - cpu0
+        if any(f.trigger.source == "rpc" for f in firings):
+            self._save()                 # the count and cool-down survive a restart
         for f in firings:
             log.warning("trigger %s fired on pid %d (%s): %s", f.trigger.id, f.sample.pid,
                         f.sample.comm, f.reason)
