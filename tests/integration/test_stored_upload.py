@@ -29,7 +29,7 @@ from corepeek.v1 import capture_pb2_grpc as pb_grpc
 from harness.agents import AgentProcess, start_agent, stop_agent
 from harness.checks import assert_thawed_and_undisturbed
 from harness.targets import Target
-from test_agent_upload import S3_ENV, s3_server  # noqa: F401 - the fixture
+from test_agent_upload import S3_ENV
 from test_triggers_store import add, captures, cli, wait_for
 
 
