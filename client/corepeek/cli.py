@@ -129,11 +129,14 @@ def _capture_into(args: argparse.Namespace, fd: int, out: Path) -> list[str]:
                       stack_bytes=args.stack_bytes, snapshot=args.snapshot,
                       compression=args.wire_compression, wait_exclusive=args.wait) as core:
         lay = core.layout
-        if (lay.snapshot or lay.snapshot_status) and not args.quiet:
+        # A snapshot is the default: say so only when asked for (--snapshot, -v);
+        # a fallback to live is always one line (the summary says the stop time).
+        if lay.snapshot and (args.snapshot or args.verbose) and not args.quiet:
             print(f"snapshot: target thawed after the clone, memory served from it "
                   f"({sum(1 for s in lay.segments if s.read_after_thaw)} segments read "
-                  "after the thaw)" if lay.snapshot else
-                  f"snapshot: {lay.snapshot_status}" if args.only == "notes" else
+                  "after the thaw)", file=sys.stderr)
+        elif lay.snapshot_status and not args.quiet and (args.only != "notes" or args.verbose):
+            print(f"snapshot: {lay.snapshot_status}" if args.only == "notes" else
                   f"warning: {lay.snapshot_status}", file=sys.stderr)
         unfrozen = [t.tid for t in lay.threads if not t.frozen]
         if lay.stored_capture_id and not args.quiet:
@@ -314,7 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--only", choices=("full", "stacks", "notes"), default="full",
                    help="notes: threads, registers, mappings; stacks: notes + thread stacks")
     d.add_argument("--stack-bytes", type=int, default=0,
-                   help="cap on stack bytes per thread for --only stacks (default 8 MiB)")
+                   help="stack bytes per thread for --only stacks (default and maximum: the "
+                   "policy rule's cap, 1 MiB unless it says otherwise)")
     freeze_mode_args(d)
     d.add_argument("--wire-compression", choices=("none", "zstd"), default="none",
                    help="compress memory on the wire (for slow links; costs agent CPU, "
