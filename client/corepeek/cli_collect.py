@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from .cliargs import tls_options
+from .cliargs import freeze_mode_args, tls_options
 from .errors import CaptureError
 from .textsafe import safe
 
@@ -57,6 +57,7 @@ def _collect(args: argparse.Namespace) -> int:
                         list_timeout=args.timeout, freeze_timeout_ms=args.freeze_timeout_ms,
                         stack_bytes=args.stack_bytes, tls=tls_options(args),
                         s3_endpoint_url=args.s3_endpoint_url, upload=bool(args.upload),
+                        snapshot=args.snapshot,
                         stored_since=stored_since, with_files=args.with_files)
     result = collect(cfg, progress=Progress(show))
     summary = result.manifest["summary"]
@@ -149,6 +150,7 @@ def add_collect_parser(add: Callable[..., argparse.ArgumentParser]) -> None:
     c.add_argument("--timeout", type=float, default=30.0, help="listing deadline, seconds")
     c.add_argument("--freeze-timeout-ms", type=int, default=0,
                    help="wait per thread before giving up on it (agent default 500)")
+    freeze_mode_args(c)
     c.add_argument("--stack-bytes", type=int, default=0,
                    help="cap on stack bytes per thread for --only stacks")
     c.add_argument("--tls-ca", help="CA the agents' certificates chain to (PEM)")

@@ -66,11 +66,12 @@ def test_two_runs_into_one_directory_keep_both_records(agent, build, require_roo
         {*cores, *(e["manifest"] for e in index), "manifest.json", "runs.json"})
 
 
-def start_collect_and_pause(address: str, pid: int, out: Path) -> subprocess.Popen[str]:
+def start_collect_and_pause(address: str, pid: int, out: Path, *extra: str
+                            ) -> subprocess.Popen[str]:
     """`corepeek collect` of ``pid``, SIGSTOPped once its scratch file holds 16 MiB."""
     proc = subprocess.Popen([sys.executable, "-m", "corepeek", "collect", "--agents",
                              address, "--pid", str(pid), "--out", str(out),
-                             "--retries", "0"], stdout=subprocess.PIPE,
+                             "--retries", "0", *extra], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -93,7 +94,8 @@ def start_collect_and_pause(address: str, pid: int, out: Path) -> subprocess.Pop
 def test_a_capture_cut_short_leaves_no_file(agent, build, require_root, tmp_path: Path) -> None:
     out = tmp_path / "run"
     with Target(build("bigmem"), ["-m", "768"]) as t:
-        proc = start_collect_and_pause(agent.address, t.pid, out)
+        # --live: a snapshot's clone would still hold the image after the kill.
+        proc = start_collect_and_pause(agent.address, t.pid, out, "--live")
         t.send_signal(signal.SIGKILL)
         os.kill(proc.pid, signal.SIGCONT)
         _, err = proc.communicate(timeout=120)

@@ -16,11 +16,13 @@ from .plan import Match
 
 
 def upload_one(channel: grpc.Channel, m: Match, url: str, rec: CaptureRecord, *,
-               freeze_timeout_ms: int = 0, snapshot: bool = False) -> None:
+               freeze_timeout_ms: int = 0, snapshot: bool | None = None) -> None:
     """Ask the agent to upload ``m``'s core (a live pid, or with ``collect --stored``
     an entry of its store) to ``url``; fills ``rec`` (raises CaptureError)."""
+    mode = {None: pb.FREEZE_MODE_DEFAULT, True: pb.FREEZE_MODE_SNAPSHOT,
+            False: pb.FREEZE_MODE_LIVE}[snapshot]
     opts = pb.CaptureOptions(mode=pb.CAPTURE_MODE_FULL, freeze_timeout_ms=freeze_timeout_ms,
-                             snapshot=snapshot)
+                             snapshot=bool(snapshot), freeze_mode=mode)
     what = f"stored capture {m.capture_id}" if m.capture_id else f"pid {m.pid}"
     target = (pb.OpenCapture(capture_id=m.capture_id, options=opts) if m.capture_id
               else pb.OpenCapture(pid=m.pid, start_time=m.start_time, options=opts))

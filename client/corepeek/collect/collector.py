@@ -56,6 +56,7 @@ class CollectConfig:
     stack_bytes: int = 0
     tls: TLSOptions | None = None
     s3_endpoint_url: str | None = None
+    snapshot: bool | None = None          # None: the agent's default (a snapshot)
     upload: bool = False                  # agents write cores to `out` (s3://) themselves
     stored_since: float = 0.0             # > 0: collect --stored, entries of the last N s
     backoff_base: float = 0.5
@@ -234,13 +235,13 @@ class Collector:
                 channel = self.channels.get(m.agent)
                 if cfg.upload:
                     upload_one(channel, m, self.sink.destination + name, rec,
-                               freeze_timeout_ms=cfg.freeze_timeout_ms)
+                               freeze_timeout_ms=cfg.freeze_timeout_ms, snapshot=cfg.snapshot)
                     rec.seconds = time.monotonic() - t0
                     rec.status, rec.error, rec.code = "ok", None, None
                     return rec
                 with RemoteCore(channel, m.pid, start_time=m.start_time, capture_id=m.capture_id,
                                 mode=cfg.mode, freeze_timeout_ms=cfg.freeze_timeout_ms,
-                                stack_bytes=cfg.stack_bytes,
+                                stack_bytes=cfg.stack_bytes, snapshot=cfg.snapshot,
                                 compression=cfg.wire_compression) as core:
                     lay = core.layout
                     rec.comm, rec.exe = lay.comm or m.comm, lay.exe or m.exe
