@@ -43,6 +43,7 @@ import benchlib as bl  # noqa: E402
 bl.use_this_checkout()
 
 from harness.agents import start_agent, stop_agent  # noqa: E402
+from harness.relay import Relay  # noqa: E402
 from harness.targets import Target, build_target  # noqa: E402
 
 GDB = ["gdb", "-batch", "-nx", "-iex", "set debuginfod enabled off", "-ex", "set pagination off"]
@@ -106,40 +107,6 @@ def case_dump(agent: str, t: Target, work: Path, exe: Path) -> dict:
             "stopped_seconds": _stopped(t), "frames": _frames(out)}
 
 
-class Relay:
-    """A loopback TCP relay that counts the bytes of one connection, both ways."""
-
-    def __init__(self, target_port: int) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.target_port = target_port
-        self.bytes = 0
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _pump(self, a: socket.socket, b: socket.socket) -> None:
-        try:
-            while data := a.recv(1 << 16):
-                self.bytes += len(data)
-                b.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (a, b):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def _run(self) -> None:
-        client, _ = self.sock.accept()
-        server = socket.create_connection(("127.0.0.1", self.target_port))
-        back = threading.Thread(target=self._pump, args=(server, client), daemon=True)
-        back.start()
-        self._pump(client, server)
-        back.join()
-
-
 def case_gdbserver(t: Target, exe: Path) -> dict:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -154,7 +121,7 @@ def case_gdbserver(t: Target, exe: Path) -> dict:
     else:
         raise SystemExit("gdbserver did not start")
     threading.Thread(target=gs.stderr.read, daemon=True).start()
-    relay = Relay(port)
+    relay = Relay.tcp(("127.0.0.1", port))          # counts both ways
     t0 = time.monotonic()
     out = subprocess.run([*GDB, "-ex", f"target remote 127.0.0.1:{relay.port}", "-ex", BT,
                           "-ex", "detach", str(exe)], capture_output=True, text=True).stdout
@@ -164,8 +131,9 @@ def case_gdbserver(t: Target, exe: Path) -> dict:
     except subprocess.TimeoutExpired:
         gs.kill()
         gs.wait()
-    relay.thread.join(timeout=10)
-    return {"case": "gdbserver", "seconds_to_bt": total, "seconds": total, "bytes": relay.bytes,
+    relay.join(timeout=10)
+    return {"case": "gdbserver", "seconds_to_bt": total, "seconds": total,
+            "bytes": relay.up + relay.down,
             "core_bytes": 0, "file_bytes": 0, "stopped_seconds": _stopped(t),
             "frames": _frames(out)}
 

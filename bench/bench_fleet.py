@@ -54,6 +54,19 @@ def pct(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
 
 
+def collector_pki(tmp: Path, rule: str) -> tuple[CA, object, grpc.ChannelCredentials, Path]:
+    """The bench's CA, the collector's certificate and mTLS credentials, and a
+    policy with one rule (``rule``: its modes and the like) naming the collector."""
+    ca = CA(tmp / "pki", name="bench-ca")
+    client = ca.issue("collector", uris=(COLLECTOR,))
+    cert, key = client.read()
+    creds = grpc.ssl_channel_credentials(ca.path.read_bytes(), key, cert)
+    policy = tmp / "policy.yaml"
+    policy.write_text(f'version: 1\nlimits: {{sessions_per_minute: 0}}\nrules:\n'
+                      f'  - {{name: bench, clients: ["{COLLECTOR}"], {rule}}}\n')
+    return ca, client, creds, policy
+
+
 def start_fleet(tmp: Path, n: int, per_host: int, threads_exe: Path, ca: CA,
                 client_creds: grpc.ChannelCredentials, policy: Path) -> netns.Fleet:
     fleet = netns.Fleet(tmp, n)
@@ -136,13 +149,7 @@ def main() -> int:
     runs: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="bench-fleet-") as d:
         tmp = Path(d)
-        ca = CA(tmp / "pki", name="bench-ca")
-        client = ca.issue("collector", uris=(COLLECTOR,))
-        cert, key = client.read()
-        creds = grpc.ssl_channel_credentials(ca.path.read_bytes(), key, cert)
-        policy = tmp / "policy.yaml"
-        policy.write_text(f'version: 1\nlimits: {{sessions_per_minute: 0}}\nrules:\n'
-                          f'  - {{name: bench, clients: ["{COLLECTOR}"], modes: [notes]}}\n')
+        ca, client, creds, policy = collector_pki(tmp, "modes: [notes]")
         threads_exe = build_target("threads", tmp)
         comm = threads_exe.name[:15]
         for n in args.hosts:

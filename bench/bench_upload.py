@@ -49,9 +49,9 @@ import grpc  # noqa: E402
 
 from harness import netns  # noqa: E402
 from harness.targets import build_target  # noqa: E402
+from bench_fleet import collector_pki  # noqa: E402
 from security_pki import CA  # noqa: E402
 
-COLLECTOR = "spiffe://corepeek.bench/collector"
 PORT = 7443
 BUCKET = "bench"
 S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
@@ -178,15 +178,8 @@ def main() -> int:
     runs: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="bench-upload-") as d:
         tmp = Path(d)
-        ca = CA(tmp / "pki", name="bench-ca")
-        client = ca.issue("collector", uris=(COLLECTOR,))
-        cert, key = client.read()
-        creds = grpc.ssl_channel_credentials(ca.path.read_bytes(), key, cert)
-        policy = tmp / "policy.yaml"
-        policy.write_text(
-            f'version: 1\nlimits: {{sessions_per_minute: 0}}\nrules:\n'
-            f'  - {{name: bench, clients: ["{COLLECTOR}"], modes: [full], '
-            f'uploads: ["s3://{BUCKET}/*"]}}\n')
+        ca, client, creds, policy = collector_pki(tmp, f'modes: [full], '
+                                                  f'uploads: ["s3://{BUCKET}/*"]')
         comm = build_target("growmem", tmp).name[:15]
         for n in args.hosts:
             t0 = time.monotonic()

@@ -94,16 +94,7 @@ def usage(pid: int) -> Usage:
     """The fields of /proc/PID/stat the trigger sampler needs, read without a
     buffered file object and parsed only as far as needed: it runs for every
     process on the host at each sampling interval (bench/bench_triggers.py)."""
-    try:
-        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
-    except (FileNotFoundError, ProcessLookupError) as exc:
-        raise ProcessGone(pid) from exc
-    try:
-        raw = os.read(fd, 1024)
-    except ProcessLookupError as exc:
-        raise ProcessGone(pid) from exc
-    finally:
-        os.close(fd)
+    raw = _read_once(f"/proc/{pid}/stat", 1024, pid)
     lpar, rpar = raw.find(b"("), raw.rfind(b")")
     rest = raw[rpar + 2:].split(None, 22)       # rest[N - 3] is field N
     if lpar < 0 or len(rest) < 22:
@@ -113,21 +104,27 @@ def usage(pid: int) -> Usage:
                  start_time=int(rest[19]), rss_pages=int(rest[21]))
 
 
+def _read_once(path: str, size: int, what: object) -> bytes:
+    """One ``read`` of a small /proc file (no buffered file object: these run
+    per process per sampling interval, and per thread in a freeze)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except (FileNotFoundError, ProcessLookupError) as exc:
+        raise ProcessGone(what) from exc
+    try:
+        return os.read(fd, size)
+    except ProcessLookupError as exc:
+        raise ProcessGone(what) from exc
+    finally:
+        os.close(fd)
+
+
 def thread_state(pid: int, tid: int) -> str:
     """The state letter of one thread: what a freeze reads for every thread
     just before seizing it, so it avoids ``open()`` and full parsing (half the
     cost of :func:`stat` in a 200-thread freeze)."""
     path = f"/proc/{pid}/task/{tid}/stat"
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except (FileNotFoundError, ProcessLookupError) as exc:
-        raise ProcessGone(path) from exc
-    try:
-        raw = os.read(fd, 512)
-    except ProcessLookupError as exc:
-        raise ProcessGone(path) from exc
-    finally:
-        os.close(fd)
+    raw = _read_once(path, 512, path)
     end = raw.rfind(b")")
     if end < 0 or end + 2 >= len(raw):
         raise ProcessGone(path)

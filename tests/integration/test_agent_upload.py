@@ -14,10 +14,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -26,54 +24,11 @@ import pytest
 from harness.agents import AgentProcess, start_agent, stop_agent
 from harness.checks import assert_thawed_and_undisturbed
 from harness.targets import Target
+from harness.relay import Relay
 from harness.tools import gdb_backtraces_text
 
 S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
           "AWS_DEFAULT_REGION": "us-east-1"}
-
-
-class CountingProxy:
-    """A Unix-socket proxy in front of the agent counting the bytes it sends back."""
-
-    def __init__(self, listen: Path, upstream: str) -> None:
-        self.upstream = upstream
-        self.to_client = 0
-        self._lock = threading.Lock()
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.bind(str(listen))
-        self.sock.listen(16)
-        self.address = f"unix:{listen}"
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.sock.accept()
-            except OSError:
-                return
-            agent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            agent.connect(self.upstream)
-            threading.Thread(target=self._pump, args=(client, agent, False), daemon=True).start()
-            threading.Thread(target=self._pump, args=(agent, client, True), daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket, counted: bool) -> None:
-        try:
-            while data := src.recv(1 << 16):
-                if counted:
-                    with self._lock:
-                        self.to_client += len(data)
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def upload_agent(tmp: Path, s3: str, extra_rule: str = "", bucket: str = "cores") -> AgentProcess:
@@ -101,7 +56,7 @@ def test_agents_upload_complete_checksummed_cores_and_the_collector_gets_none(
     s3.create_bucket(Bucket="cores")
     exe = build("growmem")
     agent = upload_agent(tmp_path, s3_server)
-    proxy = CountingProxy(tmp_path / "proxy.sock", str(tmp_path / "agent.sock"))
+    proxy = Relay.unix(tmp_path / "proxy.sock", str(tmp_path / "agent.sock"))   # counts
     try:
         with Target(exe) as target:
             target.command("grow 24")
@@ -109,7 +64,7 @@ def test_agents_upload_complete_checksummed_cores_and_the_collector_gets_none(
                         "--s3-endpoint-url", s3_server)
             assert r.returncode == 0, r.stderr
             assert_thawed_and_undisturbed(target)
-            via_agent = proxy.to_client
+            via_agent = proxy.down
             manifest = json.loads(s3.get_object(Bucket="cores", Key="ok/run1/manifest.json")[
                 "Body"].read())
             (cap,) = manifest["captures"]
@@ -125,11 +80,11 @@ def test_agents_upload_complete_checksummed_cores_and_the_collector_gets_none(
             assert "main" in gdb_backtraces_text(core, exe)
 
             # The same collection pulled through the collector, for comparison.
-            before = proxy.to_client
+            before = proxy.down
             r = collect(tmp_path, proxy.address, target.pid, "--out", str(tmp_path / "local"))
             assert r.returncode == 0, r.stderr
             assert_thawed_and_undisturbed(target)
-            pulled = proxy.to_client - before
+            pulled = proxy.down - before
         print(f"\nbytes the collector received from the agent: {via_agent} with --upload, "
               f"{pulled} without (core {len(body)} bytes)")
         assert via_agent < 256 * 1024 < len(body) // 64      # listings, layout, status only

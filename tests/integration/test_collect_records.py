@@ -16,13 +16,13 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from harness.checks import assert_thawed_and_undisturbed, wait_thawed
+from harness.relay import Relay
 from harness.targets import Target
 from test_fleet import S3_ENV
 
@@ -131,59 +131,29 @@ def test_ctrl_c_ends_the_captures_and_keeps_the_record(agent, build, require_roo
 
 # -- S3: an upload cut midway ------------------------------------------------------------------
 
-class CuttingProxy:
-    """TCP proxy to ``upstream`` that lets ``budget`` bytes of requests through in
+class CuttingProxy(Relay):
+    """TCP relay to ``upstream`` that lets ``budget`` bytes of requests through in
     all, then cuts any connection that sends more than ``grace`` bytes beyond it
     (small requests -- abort, list, the manifest -- still pass)."""
 
     def __init__(self, upstream: tuple[str, int], budget: int, grace: int = 64 * 1024) -> None:
-        self.upstream, self.budget, self.grace = upstream, budget, grace
-        self.sent = 0
-        self.cuts = 0
-        self._lock = threading.Lock()
-        self._server = socket.create_server(("127.0.0.1", 0))
-        self.port = self._server.getsockname()[1]
-        self._closing = False
-        threading.Thread(target=self._accept, daemon=True).start()
+        self.budget, self.grace, self.cuts = budget, grace, 0
+        super().__init__(socket.create_server(("127.0.0.1", 0)),
+                         lambda: socket.create_connection(upstream))
 
-    def _accept(self) -> None:
-        while not self._closing:
-            try:
-                client, _ = self._server.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(self.upstream)
-            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client, False),
-                             daemon=True).start()
+    @property
+    def sent(self) -> int:
+        return self.up
 
-    def _pump(self, src: socket.socket, dst: socket.socket, request: bool) -> None:
-        over = 0
-        try:
-            while data := src.recv(65536):
-                if request:
-                    with self._lock:
-                        self.sent += len(data)
-                        if self.sent > self.budget:
-                            over += len(data)
-                    if over > self.grace:
-                        with self._lock:
-                            self.cuts += 1
-                        break
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-                s.close()
-
-    def close(self) -> None:
-        self._closing = True
-        self._server.close()
+    def passed(self, conn: dict[str, int], to_server: bool, n: int) -> bool:
+        super().passed(conn, to_server, n)
+        if to_server and self.up > self.budget:
+            conn["over"] = conn.get("over", 0) + n
+            if conn["over"] > self.grace:
+                with self._lock:
+                    self.cuts += 1
+                return False
+        return True
 
 
 @pytest.fixture
