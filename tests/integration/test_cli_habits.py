@@ -179,3 +179,29 @@ def test_notes_and_dump_escape_hostile_names(agent, hostile: Target, tmp_path: P
     assert_no_control_chars(dump.stderr)
     assert dump.stderr.count("\n") == 2 and "x\\n\\x1b[2Jy" in dump.stderr
     assert_thawed_and_undisturbed(hostile)
+
+
+def test_stored_captures_list_escapes_hostile_names(hostile: Target, tmp_path: Path) -> None:
+    """A kept capture of a target that chose a hostile comm and exe path: `corepeek
+    captures` shows them escaped on one line each; --json keeps them exact."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("version: 1\nrules:\n  - name: local-rule\n    clients: [local]\n"
+                      "    modes: [full, notes]\n    keep: true\n")
+    a = start_agent(tmp_path, "--policy", str(policy), "--store", str(tmp_path / "store"),
+                    "--sessions-per-minute", "0")
+    try:
+        kept = corepeek("dump", "--agent", a.address, str(hostile.pid), "--only", "notes",
+                        "--keep", "-o", str(tmp_path / "core"))
+        assert kept.returncode == 0, kept.stderr
+        listed = corepeek("captures", "--agent", a.address)
+        assert listed.returncode == 0, listed.stderr
+        assert_no_control_chars(listed.stdout)
+        header, *rows = listed.stdout.splitlines()
+        assert len(rows) == 1, f"a forged line: {rows}"
+        assert "x\\n\\x1b[2Jy" in rows[0] and "bin\\n  666 forged/hostile" in rows[0]
+        [entry] = json.loads(corepeek("captures", "--agent", a.address,
+                                      "--json").stdout)["captures"]
+        assert entry["comm"] == HOSTILE_COMM and entry["exe"] == str(hostile.exe)
+    finally:
+        stop_agent(a)
+    assert_thawed_and_undisturbed(hostile)
